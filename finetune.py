@@ -1,0 +1,197 @@
+"""QLoRA / LoRA fine-tuning of a LLaMA-family causal LM on instruction data.
+
+One GPU, or the CPU (a tiny offline run on the bundled model and the sample data):
+    python finetune.py
+    python finetune.py --base_model path/to/llama --data_path dataset/sample.json --output_dir output/
+Several GPUs, data parallel (each process holds its own 4-bit copy):
+    torchrun --nproc_per_node=2 finetune.py --base_model ... --data_path ...
+    accelerate launch finetune.py --base_model ... --data_path ...
+The final adapter lands in <output_dir>/checkpoint-final; every checkpoint-N is a loadable adapter too.
+"""
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+
+from utils.args import BUNDLED_MODEL, UserError, add_bool, add_model_args, resolve_bits, run_main
+
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dataset", "sample.json")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p, inference=False)
+    g = p.add_argument_group("Data")
+    g.add_argument("--data_path", default=DEFAULT_DATA, help="JSON list or JSONL of {instruction, input, output}")
+    g.add_argument("--prompt_template", default="auto",
+                   help="alpaca, chat, tokenizer (the tokenizer's chat template), a .json template path, "
+                        "or auto (= tokenizer if it has a chat template, else alpaca)")
+    g.add_argument("--cutoff_len", type=int, default=512, help="longest example in tokens; longer ones are cut")
+    g.add_argument("--val_set_size", type=float, default=0,
+                   help="records held out for evaluation: a count, or a fraction when < 1 (0 = none)")
+    add_bool(g, "--train_on_inputs", False, "also train on prompt tokens (default: only the answers)")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora_r", type=int, default=16, help="adapter rank")
+    g.add_argument("--lora_alpha", type=int, default=32, help="adapter scale numerator (scale = alpha / r)")
+    g.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the adapter input")
+    g.add_argument("--lora_target_modules", default="all-linear",
+                   help="comma-separated module names (e.g. q_proj,v_proj), or all-linear (default)")
+    g = p.add_argument_group("Training")
+    g.add_argument("--output_dir", "--output_path", dest="output_dir", default="output",
+                   help="where checkpoints go (--output_path is the original tool's spelling)")
+    g.add_argument("--per_device_train_batch_size", "--micro_batch_size", type=int, default=4,
+                   help="examples per process per forward pass")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=4,
+                   help="micro-batches per optimizer step; effective batch = world size x micro-batch x this")
+    g.add_argument("--num_train_epochs", type=float, default=3, help="passes over the data")
+    g.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; overrides epochs when > 0")
+    g.add_argument("--learning_rate", type=float, default=2e-4, help="peak learning rate")
+    g.add_argument("--warmup_ratio", type=float, default=0.03, help="fraction of steps spent warming up")
+    g.add_argument("--lr_scheduler_type", default="cosine", help="linear, cosine, constant, ...")
+    g.add_argument("--optim", default="auto",
+                   help="optimizer name as the HF Trainer spells it; auto = paged_adamw_32bit on GPU, "
+                        "adamw_torch on CPU")
+    add_bool(g, "--gradient_checkpointing", True, "recompute activations in the backward pass to save memory")
+    g.add_argument("--logging_steps", type=int, default=10, help="log the loss every N optimizer steps")
+    g.add_argument("--save_steps", type=int, default=200, help="write checkpoint-N every N optimizer steps")
+    g.add_argument("--save_total_limit", type=int, default=3, help="keep at most this many checkpoint-N")
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help="a checkpoint-N folder, or 'latest' for the newest one in --output_dir")
+    add_bool(g, "--overwrite_output_dir", False, "allow a new run in an output dir that holds checkpoints")
+    g.add_argument("--seed", type=int, default=42, help="seed for LoRA init, dropout and data order")
+    g.add_argument("--report_to", default="none", help="tensorboard, wandb, ... or none")
+    return p.parse_args(argv)
+
+
+def validate_args(args):
+    """Every problem with the flags at once, before anything heavy happens."""
+    problems = []
+    for flag in ("cutoff_len", "per_device_train_batch_size", "gradient_accumulation_steps", "lora_r",
+                 "lora_alpha", "logging_steps", "save_steps"):
+        if getattr(args, flag) < 1:
+            problems.append(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if not 0 <= args.lora_dropout < 1:
+        problems.append(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.learning_rate <= 0:
+        problems.append(f"--learning_rate must be > 0, got {args.learning_rate}")
+    if args.max_steps <= 0 and args.num_train_epochs <= 0:
+        problems.append("give --num_train_epochs > 0 or --max_steps > 0")
+    if args.val_set_size < 0 or (args.val_set_size >= 1 and args.val_set_size != int(args.val_set_size)):
+        problems.append(f"--val_set_size must be a count or a fraction in (0, 1), got {args.val_set_size}")
+    if not os.path.isfile(args.data_path):
+        problems.append(f"--data_path: file not found: {args.data_path}")
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest" \
+            and not os.path.isdir(args.resume_from_checkpoint):
+        problems.append(f"--resume_from_checkpoint: no such folder: {args.resume_from_checkpoint}")
+    if problems:
+        raise UserError("; ".join(problems))
+    args.bits = resolve_bits(args, default=4)
+    if args.resume_from_checkpoint is None and not args.overwrite_output_dir and _checkpoints(args.output_dir):
+        raise UserError(f"{args.output_dir} already holds checkpoints of another run: pass "
+                        "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to start over "
+                        "in it, or another --output_dir")
+
+
+def _checkpoints(output_dir):
+    if not os.path.isdir(output_dir):
+        return []
+    return [d for d in os.listdir(output_dir) if d.startswith("checkpoint-")]
+
+
+def main(args):
+    validate_args(args)
+    from utils import data as D
+    from utils.modeling import distributed_local_rank, load_tokenizer, resolve_model_path
+    from utils.prompts import load_template
+    is_main = (distributed_local_rank() or 0) == 0 and int(os.environ.get("RANK", "0")) == 0
+    log = print if is_main else (lambda *a, **k: None)
+
+    # ---- data: read and check every record before any model is loaded ----
+    records = D.load_dataset(args.data_path, log=log)
+    model_path = resolve_model_path(args.base_model, args.local_files_only)
+    tokenizer = load_tokenizer(model_path, local_files_only=args.local_files_only,
+                               trust_remote_code=args.trust_remote_code)
+    template = load_template(args.prompt_template, tokenizer)
+    train_records, val_records = D.split_train_val(records, args.val_set_size, args.seed)
+    encode = dict(tokenizer=tokenizer, template=template, cutoff_len=args.cutoff_len,
+                  train_on_inputs=args.train_on_inputs, log=log)
+    train_set = D.TokenizedDataset(D.tokenize_records(train_records, **encode))
+    val_set = D.TokenizedDataset(D.tokenize_records(val_records, **encode)) if val_records else None
+    log(f"data: {len(train_set)} training / {len(val_set or [])} validation examples, "
+        f"template '{template.name}', cutoff {args.cutoff_len} tokens")
+
+    # ---- model: quantized base + LoRA adapters ----
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from utils.modeling import compute_dtype, load_model
+    from utils.training import MetaCallback, adapter_meta, finish_run
+    set_seed(args.seed)
+    model, _, info = load_model(args.base_model, bits=args.bits, training=True,
+                                local_files_only=args.local_files_only, trust_remote_code=args.trust_remote_code)
+    ckpt_kwargs = {"use_reentrant": False}  # re-entrant checkpointing breaks DDP (pitfall 6)
+    if args.bits in (4, 8):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=ckpt_kwargs)
+    elif args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    targets = args.lora_target_modules
+    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    try:
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                                 lora_dropout=args.lora_dropout, target_modules=targets,
+                                                 bias="none", task_type="CAUSAL_LM"))
+    except ValueError as e:
+        raise UserError(f"--lora_target_modules {args.lora_target_modules}: {e}") from None
+    trainable, total = model.get_nb_trainable_parameters()
+    log(f"model: {args.base_model} ({info['path']}), {args.bits}-bit on {info['where']}; "
+        f"LoRA r={args.lora_r} on {targets}: {trainable:,} trainable of {total:,} parameters")
+
+    # ---- train ----
+    dtype = compute_dtype()
+    ckpt_flag = "activation_checkpointing" if "activation_checkpointing" in \
+        {f.name for f in dataclasses.fields(TrainingArguments)} else "gradient_checkpointing"
+    training_args = TrainingArguments(
+        output_dir=args.output_dir, per_device_train_batch_size=args.per_device_train_batch_size,
+        per_device_eval_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_steps, learning_rate=args.learning_rate, warmup_steps=args.warmup_ratio,
+        lr_scheduler_type=args.lr_scheduler_type, optim=_optimizer(args.optim),
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=not torch.cuda.is_available(),
+        **{ckpt_flag: args.gradient_checkpointing}, gradient_checkpointing_kwargs=ckpt_kwargs,
+        logging_steps=args.logging_steps, save_strategy="steps", save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit, eval_strategy="steps" if val_set else "no",
+        eval_steps=args.save_steps, seed=args.seed, data_seed=args.seed, report_to=args.report_to,
+        remove_unused_columns=False, ddp_find_unused_parameters=False, label_names=["labels"],
+    )
+    world = training_args.world_size
+    log(f"effective batch size: {world} process(es) x {args.per_device_train_batch_size} micro-batch x "
+        f"{args.gradient_accumulation_steps} accumulation = "
+        f"{world * args.per_device_train_batch_size * args.gradient_accumulation_steps}")
+    meta = adapter_meta(args, template, model_path)
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=val_set,
+                      data_collator=D.pad_collate(tokenizer), processing_class=tokenizer,
+                      callbacks=[MetaCallback(meta)])
+    resume = args.resume_from_checkpoint
+    started = time.time()
+    trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
+
+    # ---- save: final adapter, loss plot, summary ----
+    final_dir = finish_run(trainer, meta, time.time() - started)
+    log(f"final adapter: {final_dir}")
+    return final_dir
+
+
+def _optimizer(name):
+    import torch
+    if name != "auto":
+        return name
+    return "paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch"
+
+
+if __name__ == "__main__":
+    run_main(main, parse_args)
