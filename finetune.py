@@ -11,12 +11,11 @@ The final adapter lands in <output_dir>/checkpoint-final; every checkpoint-N is 
 
 import argparse
 import dataclasses
-import math
 import os
-import sys
+import re
 import time
 
-from utils.args import BUNDLED_MODEL, UserError, add_bool, add_model_args, resolve_bits, run_main
+from utils.args import UserError, add_bool, add_model_args, resolve_bits, run_main
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dataset", "sample.json")
 
@@ -89,6 +88,8 @@ def validate_args(args):
     if problems:
         raise UserError("; ".join(problems))
     args.bits = resolve_bits(args, default=4)
+    if args.resume_from_checkpoint == "latest" and not _checkpoints(args.output_dir):
+        raise UserError(f"--resume_from_checkpoint latest: {args.output_dir} holds no checkpoint-N folder to resume")
     if args.resume_from_checkpoint is None and not args.overwrite_output_dir and _checkpoints(args.output_dir):
         raise UserError(f"{args.output_dir} already holds checkpoints of another run: pass "
                         "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to start over "
@@ -98,7 +99,7 @@ def validate_args(args):
 def _checkpoints(output_dir):
     if not os.path.isdir(output_dir):
         return []
-    return [d for d in os.listdir(output_dir) if d.startswith("checkpoint-")]
+    return [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)]
 
 
 def main(args):

@@ -31,7 +31,8 @@ def _read_text(path):
             hint = " (it looks like GBK/GB18030: convert with `iconv -f GB18030 -t UTF-8`)"
         except UnicodeDecodeError:
             pass
-        raise UserError(f"{path}: not UTF-8 text at byte {e.start}{hint}") from None
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line}: not UTF-8 text{hint}") from None
 
 
 def read_records(path):
@@ -86,7 +87,8 @@ def _check_record(path, where, rec):
     if inp is not None and not isinstance(inp, str):
         fail(f"field 'input' must be a string or absent, got {type(inp).__name__}")
     out["input"] = inp or ""
-    history = rec.get("history") or []
+    history = rec.get("history")
+    history = [] if history is None else history
     if not isinstance(history, list) or not all(
             isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in history):
         fail("field 'history' must be a list of [question, answer] string pairs")

@@ -12,8 +12,8 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
-import warnings
 
 import torch
 
@@ -183,7 +183,7 @@ def placement(num_gpus=None, max_gpu_memory=None, training=False):
         return {"": rank}, None, f"process-local GPU {rank}"
     if num_gpus == 0 or not available:
         if num_gpus:
-            warnings.warn(f"--num_gpus {num_gpus} asked for, but no GPU is visible: running on the CPU")
+            print(f"warning: --num_gpus {num_gpus} asked for, but no GPU is visible: using the CPU", file=sys.stderr)
         return {"": "cpu"}, None, "CPU"
     if training:
         note = "GPU 0"
@@ -193,7 +193,8 @@ def placement(num_gpus=None, max_gpu_memory=None, training=False):
         return {"": 0}, None, note
     n = available if num_gpus is None else num_gpus
     if n > available:
-        warnings.warn(f"--num_gpus {n} asked for, but only {available} GPU(s) visible: using {available}")
+        print(f"warning: --num_gpus {n} asked for, but only {available} GPU(s) visible: using {available}",
+              file=sys.stderr)
         n = available
     if n == 1:
         return {"": 0}, None, "GPU 0"

@@ -8,6 +8,7 @@ chat template.
 
 import json
 import os
+import re
 from dataclasses import dataclass
 
 from utils.args import UserError
@@ -122,13 +123,11 @@ def render_segments(template, messages, tokenizer=None, add_generation_prompt=Fa
         first_user = next((m for m in turns if m["role"] == "user"), {})
         system = t.get("system_input", t.get("system", "")) if first_user.get("input") else t.get("system", "")
     if system:
-        segments.append((t["system_format"].replace("{system}", system), False, False))
+        segments.append((_fill(t.get("system_format", "{system}\n\n"), {"system": system}), False, False))
     for i, m in enumerate(turns):
         if m["role"] == "user":
-            if m.get("input"):
-                text = t["prompt_input"].replace("{instruction}", m["content"]).replace("{input}", m["input"])
-            else:
-                text = t["prompt_no_input"].replace("{instruction}", m["content"])
+            values = {"instruction": m["content"], "input": m.get("input") or ""}
+            text = _fill(t["prompt_input" if values["input"] else "prompt_no_input"], values)
             segments.append((text, False, False))
         elif m["role"] == "assistant":
             segments.append((m["content"], True, True))
@@ -137,6 +136,11 @@ def render_segments(template, messages, tokenizer=None, add_generation_prompt=Fa
         else:
             raise ValueError(f"unexpected role {m['role']!r}")
     return segments
+
+
+def _fill(pattern, values):
+    """Replace {name} placeholders in one pass, so braces inside the user's own text stay literal."""
+    return re.sub(r"\{(" + "|".join(values) + r")\}", lambda m: values[m[1]], pattern)
 
 
 def _plain(messages):
@@ -175,9 +179,33 @@ def _special_prefix(tokenizer):
     """Token ids the tokenizer puts before any text (BOS for LLaMA's SentencePiece tokenizer)."""
     with_sp = tokenizer("a", add_special_tokens=True)["input_ids"]
     without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    if len(with_sp) > len(without) and with_sp[len(with_sp) - len(without):] == without:
-        return with_sp[:len(with_sp) - len(without)]
+    for start in range(len(with_sp) - len(without) + 1):
+        if with_sp[start:start + len(without)] == without:
+            return with_sp[:start]
     return []
+
+
+def _tokenize_segments(tokenizer, segments):
+    """[(ids, is_target)] for the segments. The joined text is tokenized in one call and tokens are assigned
+    to segments by character offsets, so a SentencePiece tokenizer does not add its word-start space to
+    every piece; tokenizers without offsets (slow ones) fall back to one call per segment."""
+    texts = [text + (tokenizer.eos_token if eos_after else "") for text, _, eos_after in segments]
+    try:
+        enc = tokenizer("".join(texts), add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):
+        return [(tokenizer(t, add_special_tokens=False)["input_ids"], target)
+                for t, (_, target, _) in zip(texts, segments)]
+    bounds, end = [], 0
+    for t in texts:
+        end += len(t)
+        bounds.append(end)
+    pieces = [([], seg[1]) for seg in segments]
+    k = 0
+    for token_id, (start, _) in zip(enc["input_ids"], enc["offset_mapping"]):
+        while k < len(bounds) - 1 and start >= bounds[k]:
+            k += 1
+        pieces[k][0].append(token_id)
+    return pieces
 
 
 def encode_conversation(tokenizer, template, messages, *, add_generation_prompt=False, train_on_inputs=False):
@@ -189,9 +217,8 @@ def encode_conversation(tokenizer, template, messages, *, add_generation_prompt=
         ids = []  # the chat template writes its own BOS
     labels = list(ids) if train_on_inputs else [IGNORE_INDEX] * len(ids)
     eos = tokenizer.eos_token_id
-    for text, is_target, eos_after in segments:
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if is_target and (eos_after or eos not in piece):
+    for piece, is_target in _tokenize_segments(tokenizer, segments):
+        if is_target and eos not in piece:  # e.g. a chat template whose end-of-turn token is not EOS
             piece = piece + [eos]
         ids += piece
         labels += piece if (is_target or train_on_inputs) else [IGNORE_INDEX] * len(piece)

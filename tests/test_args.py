@@ -1,0 +1,172 @@
+"""Flags: every boolean spelling the original README used, aliases, the legacy 8-bit flags, validate_args, --help."""
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cli_demo
+import finetune
+from utils.args import UserError, check_generation_args, resolve_bits, str2bool
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SPELLINGS = [([], None), (["{f}"], True), (["--no-{n}"], False), (["{f}=True"], True), (["{f}=False"], False),
+             (["{f}", "false"], False), (["{f}", "true"], True), (["{f}=0"], False), (["{f}=yes"], True)]
+
+BOOL_FLAGS = [  # (parse_args, flag, dest, default)
+    (finetune.parse_args, "--train_on_inputs", "train_on_inputs", False),
+    (finetune.parse_args, "--use_8bit", "use_8bit", False),
+    (finetune.parse_args, "--gradient_checkpointing", "gradient_checkpointing", True),
+    (finetune.parse_args, "--overwrite_output_dir", "overwrite_output_dir", False),
+    (finetune.parse_args, "--local_files_only", "local_files_only", True),
+    (cli_demo.parse_args, "--stream", "stream", False),
+    (cli_demo.parse_args, "--use_8bit", "use_8bit", False),
+    (cli_demo.parse_args, "--load_8bit", "use_8bit", False),
+]
+
+
+@pytest.mark.parametrize("spelling,expected", SPELLINGS, ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+@pytest.mark.parametrize("parse,flag,dest,default", BOOL_FLAGS, ids=lambda x: x if isinstance(x, str) and
+                         x.startswith("--") else None)
+def test_boolean_spellings(parse, flag, dest, default, spelling, expected):
+    argv = [s.format(f=flag, n=flag[2:]) for s in spelling]
+    assert getattr(parse(argv), dest) is (default if expected is None else expected)
+
+
+def test_load_8bit_false_as_in_the_original_readme():
+    args = cli_demo.parse_args(["--load_8bit=False"])
+    assert args.use_8bit is False and resolve_bits(args, default=16) == 16
+    assert resolve_bits(cli_demo.parse_args(["--load_8bit"]), default=16) == 8
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", ""])
+def test_bad_boolean_value_is_an_argparse_error(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        finetune.parse_args([f"--train_on_inputs={value}"])
+    assert e.value.code == 2
+    assert "--train_on_inputs" in capsys.readouterr().err
+
+
+def test_str2bool_never_uses_python_truthiness():
+    assert str2bool("False") is False and str2bool("OFF") is False and str2bool(" no ") is False
+    with pytest.raises(argparse.ArgumentTypeError):
+        str2bool("Flase")
+
+
+def test_output_path_is_an_alias_of_output_dir():
+    assert finetune.parse_args(["--output_path", "runs/a"]).output_dir == "runs/a"
+    assert finetune.parse_args(["--output_dir", "runs/b"]).output_dir == "runs/b"
+    assert finetune.parse_args(["--micro_batch_size", "2"]).per_device_train_batch_size == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# validate_args (finetune)
+# ---------------------------------------------------------------------------------------------------------
+
+def ft_args(tmp_path, *argv):
+    return finetune.parse_args(["--output_dir", str(tmp_path / "out"), *argv])
+
+
+def test_defaults_validate_and_resolve_to_4_bits(tmp_path):
+    args = ft_args(tmp_path)
+    finetune.validate_args(args)
+    assert args.bits == 4
+    assert not (tmp_path / "out").exists()  # validating writes nothing
+
+
+@pytest.mark.parametrize("argv,bits", [(["--use_8bit"], 8), (["--use_8bit", "--bits", "8"], 8),
+                                       (["--use_8bit=False", "--bits", "16"], 16), (["--bits", "16"], 16)])
+def test_use_8bit_maps_to_bits(tmp_path, argv, bits):
+    args = ft_args(tmp_path, *argv)
+    finetune.validate_args(args)
+    assert args.bits == bits
+
+
+def test_use_8bit_contradicts_bits_4(tmp_path):
+    with pytest.raises(UserError, match="--use_8bit/--load_8bit contradicts --bits 4"):
+        finetune.validate_args(ft_args(tmp_path, "--use_8bit", "--bits", "4"))
+    with pytest.raises(UserError, match="contradicts --bits 16"):
+        resolve_bits(cli_demo.parse_args(["--load_8bit", "--bits", "16"]), default=16)
+
+
+def test_bits_choices_enforced(capsys):
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--bits", "3"])
+    assert "--bits" in capsys.readouterr().err
+
+
+def test_validate_args_lists_every_bad_flag_in_one_message(tmp_path):
+    missing = tmp_path / "missing.json"
+    args = ft_args(tmp_path, "--cutoff_len", "0", "--lora_r", "-1", "--gradient_accumulation_steps", "0",
+                   "--lora_dropout", "1", "--learning_rate", "0", "--num_train_epochs", "0",
+                   "--val_set_size", "2.5", "--data_path", str(missing),
+                   "--resume_from_checkpoint", str(tmp_path / "nockpt"))
+    with pytest.raises(UserError) as e:
+        finetune.validate_args(args)
+    message = str(e.value)
+    for part in ("--cutoff_len must be >= 1, got 0", "--lora_r must be >= 1, got -1",
+                 "--gradient_accumulation_steps must be >= 1, got 0", "--lora_dropout must be in [0, 1), got 1.0",
+                 "--learning_rate must be > 0, got 0.0", "--num_train_epochs > 0 or --max_steps > 0",
+                 "--val_set_size must be a count or a fraction in (0, 1), got 2.5",
+                 f"--data_path: file not found: {missing}", "--resume_from_checkpoint: no such folder"):
+        assert part in message, (part, message)
+    assert "\n" not in message
+
+
+def test_max_steps_replaces_epochs(tmp_path):
+    finetune.validate_args(ft_args(tmp_path, "--num_train_epochs", "0", "--max_steps", "5"))
+
+
+def test_output_dir_with_checkpoints_is_refused(tmp_path):
+    (tmp_path / "out" / "checkpoint-5").mkdir(parents=True)
+    with pytest.raises(UserError) as e:
+        finetune.validate_args(ft_args(tmp_path))
+    message = str(e.value)
+    assert str(tmp_path / "out") in message
+    assert "--resume_from_checkpoint latest" in message and "--overwrite_output_dir" in message
+    finetune.validate_args(ft_args(tmp_path, "--resume_from_checkpoint", "latest"))
+    finetune.validate_args(ft_args(tmp_path, "--overwrite_output_dir"))
+    finetune.validate_args(ft_args(tmp_path, "--resume_from_checkpoint", str(tmp_path / "out" / "checkpoint-5")))
+
+
+def test_output_dir_without_checkpoints_is_fine(tmp_path):
+    (tmp_path / "out" / "runs").mkdir(parents=True)
+    (tmp_path / "out" / "notes.txt").write_text("x")
+    finetune.validate_args(ft_args(tmp_path))
+
+
+def test_resume_latest_without_checkpoints_is_refused_early(tmp_path):
+    with pytest.raises(UserError, match="checkpoint"):
+        finetune.validate_args(ft_args(tmp_path, "--resume_from_checkpoint", "latest"))
+
+
+def test_generation_args_list_every_bad_flag():
+    args = cli_demo.parse_args(["--max_new_tokens", "0", "--temperature", "-1", "--top_p", "0", "--top_k", "-2",
+                                "--repetition_penalty", "0", "--num_gpus", "-1"])
+    with pytest.raises(UserError) as e:
+        check_generation_args(args)
+    for flag in ("--max_new_tokens", "--temperature", "--top_p", "--top_k", "--repetition_penalty", "--num_gpus"):
+        assert flag in str(e.value)
+    check_generation_args(cli_demo.parse_args(["--temperature", "0"]))
+
+
+def test_prompt_template_alias_in_chat_scripts():
+    assert cli_demo.parse_args(["--prompt_template", "chat"]).input_pattern == "chat"
+    assert cli_demo.parse_args(["--base_model", "x/y"]).model_path == "x/y"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --help of every script
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script", ["finetune.py", "merge_lora.py", "cli_demo.py", "gradio_ui.py"])
+def test_help_exits_zero(script):
+    if not (ROOT / script).exists():
+        pytest.skip(f"{script} does not exist yet")
+    proc = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, check=False, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: ") and proc.stderr == ""
