@@ -11,11 +11,13 @@ The final adapter lands in <output_dir>/checkpoint-final; every checkpoint-N is 
 
 import argparse
 import dataclasses
+import math
 import os
-import re
+import sys
 import time
 
 from utils.args import UserError, add_bool, add_model_args, resolve_bits, run_main
+from utils.training import checkpoint_problem, latest_complete_checkpoint, step_checkpoints
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dataset", "sample.json")
 
@@ -54,7 +56,9 @@ def parse_args(argv=None):
                    help="optimizer name as the HF Trainer spells it; auto = paged_adamw_32bit on GPU, "
                         "adamw_torch on CPU")
     add_bool(g, "--gradient_checkpointing", True, "recompute activations in the backward pass to save memory")
-    g.add_argument("--logging_steps", type=int, default=10, help="log the loss every N optimizer steps")
+    g.add_argument("--logging_steps", type=int, default=None,
+                   help="log the loss every N optimizer steps (default: 10, or fewer so a short run logs >= 10 "
+                        "points)")
     g.add_argument("--save_steps", type=int, default=200, help="write checkpoint-N every N optimizer steps")
     g.add_argument("--save_total_limit", type=int, default=3, help="keep at most this many checkpoint-N")
     g.add_argument("--resume_from_checkpoint", default=None,
@@ -70,7 +74,7 @@ def validate_args(args):
     problems = []
     for flag in ("cutoff_len", "per_device_train_batch_size", "gradient_accumulation_steps", "lora_r",
                  "lora_alpha", "logging_steps", "save_steps"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             problems.append(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if not 0 <= args.lora_dropout < 1:
         problems.append(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
@@ -88,18 +92,20 @@ def validate_args(args):
     if problems:
         raise UserError("; ".join(problems))
     args.bits = resolve_bits(args, default=4)
-    if args.resume_from_checkpoint == "latest" and not _checkpoints(args.output_dir):
-        raise UserError(f"--resume_from_checkpoint latest: {args.output_dir} holds no checkpoint-N folder to resume")
-    if args.resume_from_checkpoint is None and not args.overwrite_output_dir and _checkpoints(args.output_dir):
+    if args.resume_from_checkpoint == "latest":
+        latest = latest_complete_checkpoint(args.output_dir)
+        if latest is None:
+            raise UserError(f"--resume_from_checkpoint latest: {args.output_dir} holds no complete checkpoint-N")
+        args.resume_from_checkpoint = latest
+    elif args.resume_from_checkpoint:
+        problem = checkpoint_problem(args.resume_from_checkpoint)
+        if problem:
+            raise UserError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: cannot resume exactly "
+                            f"from it ({problem})")
+    elif step_checkpoints(args.output_dir) and not args.overwrite_output_dir:
         raise UserError(f"{args.output_dir} already holds checkpoints of another run: pass "
                         "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to start over "
                         "in it, or another --output_dir")
-
-
-def _checkpoints(output_dir):
-    if not os.path.isdir(output_dir):
-        return []
-    return [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)]
 
 
 def main(args):
@@ -130,7 +136,7 @@ def main(args):
     from transformers import Trainer, TrainingArguments, set_seed
 
     from utils.modeling import compute_dtype, load_model
-    from utils.training import MetaCallback, adapter_meta, finish_run
+    from utils.training import GracefulStop, MetaCallback, adapter_meta, finish_run
     set_seed(args.seed)
     model, _, info = load_model(args.base_model, bits=args.bits, training=True,
                                 local_files_only=args.local_files_only, trust_remote_code=args.trust_remote_code)
@@ -164,22 +170,31 @@ def main(args):
         lr_scheduler_type=args.lr_scheduler_type, optim=_optimizer(args.optim),
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=not torch.cuda.is_available(),
         **{ckpt_flag: args.gradient_checkpointing}, gradient_checkpointing_kwargs=ckpt_kwargs,
-        logging_steps=args.logging_steps, save_strategy="steps", save_steps=args.save_steps,
+        logging_steps=args.logging_steps or 10, save_strategy="steps", save_steps=args.save_steps,
         save_total_limit=args.save_total_limit, eval_strategy="steps" if val_set else "no",
         eval_steps=args.save_steps, seed=args.seed, data_seed=args.seed, report_to=args.report_to,
         remove_unused_columns=False, ddp_find_unused_parameters=False, label_names=["labels"],
     )
     world = training_args.world_size
+    if args.logging_steps is None:
+        per_step = world * args.per_device_train_batch_size * args.gradient_accumulation_steps
+        steps = args.max_steps if args.max_steps > 0 else math.ceil(len(train_set) / per_step * args.num_train_epochs)
+        training_args.logging_steps = max(1, min(10, steps // 10))
     log(f"effective batch size: {world} process(es) x {args.per_device_train_batch_size} micro-batch x "
         f"{args.gradient_accumulation_steps} accumulation = "
         f"{world * args.per_device_train_batch_size * args.gradient_accumulation_steps}")
     meta = adapter_meta(args, template, model_path)
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=val_set,
                       data_collator=D.pad_collate(tokenizer), processing_class=tokenizer,
-                      callbacks=[MetaCallback(meta)])
-    resume = args.resume_from_checkpoint
+                      callbacks=[MetaCallback(meta), stopper := GracefulStop()])
+    if args.resume_from_checkpoint:
+        log(f"resuming from {args.resume_from_checkpoint}")
     started = time.time()
-    trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    if stopper.signum is not None:
+        log(f"stopped at step {trainer.state.global_step}; checkpoint saved in {args.output_dir}. Continue with "
+            "the same command plus --resume_from_checkpoint latest")
+        sys.exit(128 + stopper.signum)
 
     # ---- save: final adapter, loss plot, summary ----
     final_dir = finish_run(trainer, meta, time.time() - started)

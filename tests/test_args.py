@@ -120,16 +120,48 @@ def test_max_steps_replaces_epochs(tmp_path):
     finetune.validate_args(ft_args(tmp_path, "--num_train_epochs", "0", "--max_steps", "5"))
 
 
+def _fake_checkpoint(folder, complete=True):
+    import torch
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True)
+    save_file({"lora_A": torch.ones(2, 2)}, str(folder / "adapter_model.safetensors"))
+    for name in ("optimizer.pt", "scheduler.pt"):
+        (folder / name).write_bytes(b"x")
+    (folder / "trainer_state.json").write_text("{}")
+    if complete:  # the mark MetaCallback writes last
+        (folder / "training_meta.json").write_text("{}")
+
+
 def test_output_dir_with_checkpoints_is_refused(tmp_path):
-    (tmp_path / "out" / "checkpoint-5").mkdir(parents=True)
+    _fake_checkpoint(tmp_path / "out" / "checkpoint-5")
     with pytest.raises(UserError) as e:
         finetune.validate_args(ft_args(tmp_path))
     message = str(e.value)
     assert str(tmp_path / "out") in message
     assert "--resume_from_checkpoint latest" in message and "--overwrite_output_dir" in message
-    finetune.validate_args(ft_args(tmp_path, "--resume_from_checkpoint", "latest"))
+    args = ft_args(tmp_path, "--resume_from_checkpoint", "latest")
+    finetune.validate_args(args)
+    assert args.resume_from_checkpoint == str(tmp_path / "out" / "checkpoint-5")
     finetune.validate_args(ft_args(tmp_path, "--overwrite_output_dir"))
     finetune.validate_args(ft_args(tmp_path, "--resume_from_checkpoint", str(tmp_path / "out" / "checkpoint-5")))
+
+
+def test_resume_latest_skips_incomplete_checkpoints(tmp_path):
+    _fake_checkpoint(tmp_path / "out" / "checkpoint-5")
+    _fake_checkpoint(tmp_path / "out" / "checkpoint-10", complete=False)  # killed while being written
+    (tmp_path / "out" / "checkpoint-15").mkdir()  # killed right after mkdir
+    args = ft_args(tmp_path, "--resume_from_checkpoint", "latest")
+    finetune.validate_args(args)
+    assert args.resume_from_checkpoint == str(tmp_path / "out" / "checkpoint-5")
+
+
+def test_resume_refuses_checkpoint_without_optimizer_state(tmp_path):
+    _fake_checkpoint(tmp_path / "out" / "checkpoint-5")
+    (tmp_path / "out" / "checkpoint-5" / "optimizer.pt").unlink()
+    with pytest.raises(UserError, match="optimizer.pt"):
+        finetune.validate_args(ft_args(tmp_path, "--resume_from_checkpoint", str(tmp_path / "out" / "checkpoint-5")))
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        finetune.validate_args(ft_args(tmp_path, "--resume_from_checkpoint", "latest"))
 
 
 def test_output_dir_without_checkpoints_is_fine(tmp_path):

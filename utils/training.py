@@ -4,11 +4,13 @@ and the run summary."""
 import json
 import os
 import platform
+import re
 import shutil
+import signal
 
 from transformers import TrainerCallback
 
-from utils.modeling import write_meta
+from utils.modeling import META_FILE, write_meta
 from utils.prompts import template_record
 
 FINAL_DIR = "checkpoint-final"
@@ -41,6 +43,47 @@ def adapter_meta(args, template, model_path):
     }
 
 
+class GracefulStop(TrainerCallback):
+    """SIGTERM or Ctrl-C: finish the current optimizer step, save a normal resumable checkpoint, stop.
+
+    The checkpoint is the same one a periodic save at that step writes (adapter, optimizer, scheduler, RNG,
+    data position), so resuming from it continues exactly. Under several processes the flag is combined
+    across ranks so that all of them stop at the same step."""
+
+    def __init__(self):
+        self.signum, self._previous = None, {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: give up waiting for the step to end
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step "
+              "(send it again to abort without saving)", flush=True)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop = self.signum is not None
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            import torch
+            device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+            flag = torch.tensor([int(stop)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:
+            self.signum = self.signum or signal.SIGTERM
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
 class MetaCallback(TrainerCallback):
     """Writes training_meta.json into every checkpoint-N, so each one is a self-describing adapter."""
 
@@ -52,6 +95,44 @@ class MetaCallback(TrainerCallback):
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
                 write_meta(folder, dict(self.meta, global_step=state.global_step))
+
+
+# A checkpoint can resume exactly only with all of these. training_meta.json is written by MetaCallback after
+# the Trainer has finished writing the rest, so it doubles as the "complete" mark: a checkpoint killed while
+# being written lacks it and is never resumed from.
+RESUME_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", META_FILE)
+
+
+def checkpoint_problem(folder):
+    """None if `folder` is a complete, resumable checkpoint; else what is wrong with it."""
+    missing = [f for f in RESUME_FILES if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        return "missing " + ", ".join(missing)
+    try:
+        with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as f:
+            json.load(f)
+        check_adapter(folder)
+    except (OSError, ValueError, RuntimeError) as e:
+        return f"unreadable ({e})"
+    return None
+
+
+def step_checkpoints(output_dir):
+    """checkpoint-N folders in `output_dir`, newest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m[1]), d) for d in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", d))]
+    return [os.path.join(output_dir, d) for _, d in sorted(found, reverse=True)]
+
+
+def latest_complete_checkpoint(output_dir, log=print):
+    """The newest checkpoint-N that can resume exactly; incomplete newer ones are reported and skipped."""
+    for folder in step_checkpoints(output_dir):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        log(f"warning: skipping incomplete checkpoint {folder}: {problem}")
+    return None
 
 
 def check_adapter(folder):
@@ -100,6 +181,8 @@ def run_summary(trainer, history, wall_seconds):
         "wall_time_s": round(wall_seconds, 1),
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
         if torch.cuda.is_available() else None,
+        "loss_history": [[h["step"], h["loss"]] for h in history if "loss" in h],
+        "eval_loss_history": [[h["step"], h["eval_loss"]] for h in history if "eval_loss" in h],
     }
 
 
