@@ -1,0 +1,76 @@
+"""Fixtures shared by the test files: a tiny LLaMA model that loads and generates in seconds on a CPU."""
+
+import pytest
+import torch
+
+# Greedy decoding of the tiny model answers a chat-template prompt with this text repeated until
+# max_new_tokens, and never emits EOS. Each Chinese character spans several byte-level tokens, so a
+# streamed prefix of the reply that ends mid-character would show U+FFFD.
+TINY_REPLY_CYCLE = "你好, hello! 世界。"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "browser: drives a page in a real headless Chromium (/usr/bin/chromium)")
+
+
+def _plant_cycle(model, start_id, cycle_ids, scale=30.0):
+    """Make greedy decoding go start -> cycle[0] -> cycle[1] -> ... -> cycle[0] -> ...
+
+    Each token involved gets an embedding `scale` times the random init along its own orthonormal
+    direction, so it dominates the (still random, trainable) layers' contribution to the last hidden
+    state, and the lm_head row of its successor points along that direction.
+    """
+    emb, head = model.get_input_embeddings().weight, model.lm_head.weight
+    ids = [start_id] + cycle_ids
+    dirs, _ = torch.linalg.qr(torch.randn(emb.shape[1], len(ids)))  # (hidden, len(ids)), orthonormal columns
+    with torch.no_grad():
+        for i, (prev, nxt) in enumerate(zip(ids, cycle_ids + [cycle_ids[0]])):
+            emb[prev] = dirs[:, i] * scale * emb.shape[1] ** 0.5 * 0.02
+            head[nxt] += dirs[:, i]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A random 2-layer LLaMA (hidden 64) with the bundled SmolLM2 tokenizer and chat template, saved as an
+    HF folder (fp32 safetensors). Its greedy reply to a chat-template prompt (which ends in the generation
+    prompt's last token, where the planted cycle starts) is TINY_REPLY_CYCLE repeated, checked here."""
+    from utils.modeling import load_tokenizer, resolve_model_path
+    tokenizer = load_tokenizer(resolve_model_path("smollm2-135m"))  # converts the bundled GGUF once (~20 s)
+    with torch.random.fork_rng():  # seeded, without touching the RNG of the tests that run after
+        torch.manual_seed(0)
+        model = _planted_model(tokenizer)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def _planted_model(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config).eval()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                           tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    cycle_ids = tokenizer(TINY_REPLY_CYCLE, add_special_tokens=False)["input_ids"]
+    assert len(set(cycle_ids + prompt_ids[-1:])) == len(cycle_ids) + 1, "the cycle's tokens must be distinct"
+    _plant_cycle(model, prompt_ids[-1], cycle_ids)
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_token_id] = 0  # EOS logit 0: never the greedy choice
+
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=3 * len(cycle_ids), do_sample=False,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    reply = tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
+    assert reply == TINY_REPLY_CYCLE * 3, f"the planted reply did not come out: {reply!r}"
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_reply():
+    """What the tiny model's greedy reply repeats (see tiny_llama_dir)."""
+    return TINY_REPLY_CYCLE
