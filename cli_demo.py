@@ -19,7 +19,6 @@ def parse_args(argv=None):
     add_model_args(p, inference=True)
     g = add_generation_args(p)
     add_bool(g, "--stream", False, "print the reply as it is generated")
-    g.add_argument("--system", default=None, help="system text for the conversation (default: the template's)")
     return p.parse_args(argv)
 
 

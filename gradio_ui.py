@@ -19,8 +19,7 @@ from utils.args import UserError, add_bool, add_generation_args, add_model_args,
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, inference=True)
-    g = add_generation_args(p)
-    g.add_argument("--system", default=None, help="system text for the conversation (default: the template's)")
+    add_generation_args(p)
     w = p.add_argument_group("Web UI")
     w.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 = every network interface (anyone who can reach it)")
@@ -98,6 +97,7 @@ def build_app(chat, args):
             ended.wait(timeout=10)
         return [], ""
 
+    ctx = context_length(chat.model, chat.tokenizer)  # tokens; a reply leaves at least 16 for the prompt
     with gr.Blocks(title="LLaMA QLoRA chat") as demo:
         gr.Markdown(f"### Chat\n{chat.description}")
         chatbot = gr.Chatbot(label="Conversation", height=480)
@@ -108,8 +108,8 @@ def build_app(chat, args):
             clear = gr.Button("Clear", scale=1)
         with gr.Accordion("Generation settings", open=False):
             sliders = [
-                gr.Slider(1, max(args.max_new_tokens, min(4096, context_length(chat.model, chat.tokenizer))),
-                          value=args.max_new_tokens, step=1, label="max_new_tokens", info="most tokens per reply"),
+                gr.Slider(1, max(args.max_new_tokens, min(4096, ctx - 16)), value=args.max_new_tokens, step=1,
+                          label="max_new_tokens", info="most tokens per reply"),
                 gr.Slider(0, max(2.0, args.temperature), value=args.temperature, step=0.05, label="temperature",
                           info="0 = greedy (deterministic)"),
                 gr.Slider(0.01, 1.0, value=args.top_p, step=0.01, label="top_p", info="nucleus probability mass"),

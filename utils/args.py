@@ -86,6 +86,7 @@ def add_generation_args(parser):
                    help="oldest turns are dropped so the prompt fits this many tokens "
                         "(default: context length minus --max_new_tokens)")
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: not fixed)")
+    g.add_argument("--system", default=None, help="system text for the conversation (default: the template's)")
     return g
 
 

@@ -24,8 +24,11 @@ class ChatModel:
         `settings` holds the generation settings (an argparse namespace or a dict, e.g. from web sliders).
         Raises ValueError when the query alone exceeds the prompt budget."""
         max_new = settings["max_new_tokens"] if isinstance(settings, dict) else settings.max_new_tokens
-        budget = min(self.max_prompt_tokens, context_length(self.model, self.tokenizer) - int(max_new))
-        ids, _ = build_chat_prompt(self.tokenizer, self.template, history, query, max(1, budget), system)
+        ctx = context_length(self.model, self.tokenizer)
+        budget = min(self.max_prompt_tokens, ctx - int(max_new))
+        if budget < 1:
+            raise ValueError(f"max_new_tokens {max_new} leaves no room for the prompt in the {ctx}-token context")
+        ids, _ = build_chat_prompt(self.tokenizer, self.template, history, query, budget, system)
         yield from stream_reply(self.model, self.tokenizer, ids, settings, stop_event)
 
 

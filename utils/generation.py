@@ -99,14 +99,19 @@ def stream_reply(model, tokenizer, input_ids, settings, stop_event=None):
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
+    finished = False
     try:
         while (item := out.get()) is not _DONE:
             if isinstance(item, BaseException):
                 raise item
             yield item
-    finally:  # also reached when the consumer stops early (generator closed)
+        finished = True
+    finally:
+        # Closed early (Stop, a closed tab, Ctrl-C): the flag ends the thread within one token. It is not
+        # waited for, since the web server closes generators on its event loop and would stall every user.
         stop_event.set()
-        thread.join()
+        if finished:
+            thread.join()
 
 
 def generate_reply(model, tokenizer, input_ids, settings):
