@@ -33,8 +33,16 @@ def parse_args(argv=None):
 
 def main(args):
     import torch
+    from peft import PeftModel
 
-    from utils.modeling import load_model, read_meta, resolve_adapter_dir, resolve_model_path, write_meta
+    from utils.modeling import (
+        load_model,
+        load_tokenizer,
+        read_meta,
+        resolve_adapter_dir,
+        resolve_model_path,
+        write_meta,
+    )
 
     # ---- resolve: adapter, its record, the base and where the result goes ----
     if not args.lora_model:
@@ -64,9 +72,7 @@ def main(args):
         print(f"replaced {changed} linear weights by their NF4 round trip")
 
     # ---- merge ----
-    from peft import PeftModel
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload(progressbar=True)
-    from utils.modeling import load_tokenizer
     tokenizer = load_tokenizer(adapter_dir, padding_side="left")
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else _config_dtype(base_path, args.local_files_only)
     model = model.to(dtype)
