@@ -60,7 +60,9 @@ def parse_args(argv=None):
                    help="log the loss every N optimizer steps (default: 10, or fewer so a short run logs >= 10 "
                         "points)")
     g.add_argument("--save_steps", type=int, default=200, help="write checkpoint-N every N optimizer steps")
-    g.add_argument("--save_total_limit", type=int, default=3, help="keep at most this many checkpoint-N")
+    g.add_argument("--save_total_limit", type=int, default=3,
+                   help="keep the newest N complete checkpoint-N folders (0 = keep all); an old one is removed "
+                        "only after a newer one is completely written")
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="a checkpoint-N folder, or 'latest' for the newest one in --output_dir")
     add_bool(g, "--overwrite_output_dir", False, "allow a new run in an output dir that holds checkpoints")
@@ -76,6 +78,8 @@ def validate_args(args):
                  "lora_alpha", "logging_steps", "save_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             problems.append(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.save_total_limit < 0:
+        problems.append(f"--save_total_limit must be >= 0 (0 = keep all), got {args.save_total_limit}")
     if not 0 <= args.lora_dropout < 1:
         problems.append(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
     if args.learning_rate <= 0:
@@ -171,7 +175,7 @@ def main(args):
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=not torch.cuda.is_available(),
         **{ckpt_flag: args.gradient_checkpointing}, gradient_checkpointing_kwargs=ckpt_kwargs,
         logging_steps=args.logging_steps or 10, save_strategy="steps", save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit, eval_strategy="steps" if val_set else "no",
+        save_total_limit=None, eval_strategy="steps" if val_set else "no",
         eval_steps=args.save_steps, seed=args.seed, data_seed=args.seed, report_to=args.report_to,
         remove_unused_columns=False, ddp_find_unused_parameters=False, label_names=["labels"],
     )
@@ -186,7 +190,7 @@ def main(args):
     meta = adapter_meta(args, template, model_path)
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=val_set,
                       data_collator=D.pad_collate(tokenizer), processing_class=tokenizer,
-                      callbacks=[MetaCallback(meta), stopper := GracefulStop()])
+                      callbacks=[MetaCallback(meta, keep=args.save_total_limit), stopper := GracefulStop()])
     if args.resume_from_checkpoint:
         log(f"resuming from {args.resume_from_checkpoint}")
     started = time.time()

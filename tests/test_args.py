@@ -1,6 +1,7 @@
 """Flags: every boolean spelling the original README used, aliases, the legacy 8-bit flags, validate_args, --help."""
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -202,3 +203,30 @@ def test_help_exits_zero(script):
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: ") and proc.stderr == ""
+
+
+def test_rotation_keeps_newest_complete_checkpoints_and_never_the_last_complete_one(tmp_path):
+    from utils.training import rotate_checkpoints
+    out = tmp_path / "out"
+    for step in (2, 4, 6, 8):
+        _fake_checkpoint(out / f"checkpoint-{step}")
+    _fake_checkpoint(out / "checkpoint-3", complete=False)  # torn by an earlier crash
+    deleted = rotate_checkpoints(str(out), keep=2, log=lambda *a: None)
+    assert sorted(os.listdir(out)) == ["checkpoint-6", "checkpoint-8"]
+    assert {os.path.basename(d) for d in deleted} == {"checkpoint-2", "checkpoint-3", "checkpoint-4"}
+
+    # the newest checkpoint is not marked complete yet (the moment the Trainer's own rotation would have
+    # deleted the older ones): with keep=1 the last complete one must survive
+    _fake_checkpoint(out / "checkpoint-10", complete=False)
+    rotate_checkpoints(str(out), keep=1, log=lambda *a: None)
+    assert sorted(os.listdir(out)) == ["checkpoint-10", "checkpoint-8"]
+
+
+def test_rotation_orders_by_step_not_file_time_and_protects_the_best(tmp_path):
+    from utils.training import rotate_checkpoints
+    out = tmp_path / "out"
+    for step in (10, 9, 100, 20):  # created out of order: checkpoint-9 is newer on disk than checkpoint-100
+        _fake_checkpoint(out / f"checkpoint-{step}")
+    rotate_checkpoints(str(out), keep=1, protect=str(out / "checkpoint-9"), log=lambda *a: None)
+    assert sorted(os.listdir(out)) == ["checkpoint-100", "checkpoint-9"]
+    assert rotate_checkpoints(str(out), keep=0) == []  # 0 keeps everything

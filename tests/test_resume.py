@@ -81,8 +81,8 @@ def test_sigkill_resumes_from_last_complete_checkpoint(tiny_llama_dir, reference
     torn.mkdir()
     (torn / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
 
-    proc = subprocess.run(command(tiny_llama_dir, out, "--save_steps", "3", "--resume_from_checkpoint", "latest"),
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(command(tiny_llama_dir, out, "--save_steps", "3", "--resume_from_checkpoint", "latest",
+                                  "--save_total_limit", "1"), capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "skipping incomplete checkpoint" in proc.stdout and "checkpoint-11" in proc.stdout
     resumed_from = int(proc.stdout.split("resuming from ")[1].split("checkpoint-")[1].split()[0])
@@ -90,3 +90,5 @@ def test_sigkill_resumes_from_last_complete_checkpoint(tiny_llama_dir, reference
     resumed = losses(out)
     after = range(resumed_from + 1, STEPS + 1)
     assert [resumed[s] for s in after] == pytest.approx([reference[s] for s in after], abs=1e-6)
+    # rotation by step with --save_total_limit 1: the torn checkpoint and the older ones are gone
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-12", "checkpoint-final"]

@@ -85,16 +85,44 @@ class GracefulStop(TrainerCallback):
 
 
 class MetaCallback(TrainerCallback):
-    """Writes training_meta.json into every checkpoint-N, so each one is a self-describing adapter."""
+    """Writes training_meta.json into every checkpoint-N, so each one is a self-describing adapter, then
+    removes old checkpoints beyond `keep`.
 
-    def __init__(self, meta):
-        self.meta = meta
+    The rotation is done here, not by the Trainer's save_total_limit: the Trainer deletes old checkpoints
+    before this callback has marked the new one complete, so a kill in between could leave no complete
+    checkpoint at all. Here a checkpoint is only deleted once a newer complete one exists."""
+
+    def __init__(self, meta, keep=None):
+        self.meta, self.keep = meta, keep
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
                 write_meta(folder, dict(self.meta, global_step=state.global_step))
+                rotate_checkpoints(args.output_dir, self.keep, protect=state.best_model_checkpoint)
+
+
+def rotate_checkpoints(output_dir, keep, protect=None, log=print):
+    """Keep the newest `keep` complete checkpoint-N (and `protect`, the best one); delete older complete ones
+    and torn ones older than the newest complete one. None or 0 keeps everything. Ordered by step, not by
+    file time. Returns the deleted folders."""
+    if not keep:
+        return []
+    complete_seen, deleted = 0, []
+    for folder in step_checkpoints(output_dir):  # newest first
+        complete = checkpoint_problem(folder) is None
+        if protect and os.path.abspath(folder) == os.path.abspath(protect):
+            complete_seen += complete
+            continue
+        if complete_seen >= keep or (complete_seen and not complete):
+            shutil.rmtree(folder, ignore_errors=True)
+            deleted.append(folder)
+        else:
+            complete_seen += complete
+    if deleted:
+        log(f"removed old checkpoints: {', '.join(os.path.basename(d) for d in deleted)}")
+    return deleted
 
 
 # A checkpoint can resume exactly only with all of these. training_meta.json is written by MetaCallback after
