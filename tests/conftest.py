@@ -74,3 +74,10 @@ def _planted_model(tokenizer):
 def tiny_llama_reply():
     """What the tiny model's greedy reply repeats (see tiny_llama_dir)."""
     return TINY_REPLY_CYCLE
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The bundled SmolLM2 tokenizer (BPE, with a chat template), as the scripts load it."""
+    from utils.modeling import load_tokenizer, resolve_model_path
+    return load_tokenizer(resolve_model_path("smollm2-135m"))

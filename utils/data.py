@@ -45,6 +45,8 @@ def read_records(path):
     if not jsonl:
         try:
             data = json.loads(text)
+        except RecursionError:
+            raise UserError(f"{path}: not valid data: nested too deeply") from None
         except json.JSONDecodeError as e:
             if e.msg == "Extra data" and text.lstrip().startswith("{"):
                 jsonl = True  # JSON Lines saved as .json
@@ -57,6 +59,8 @@ def read_records(path):
                 continue
             try:
                 records.append((f"line {lineno}", json.loads(line)))
+            except RecursionError:
+                raise UserError(f"{path}: line {lineno}: not valid data: nested too deeply") from None
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}: line {lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
         return records
@@ -93,6 +97,11 @@ def _check_record(path, where, rec):
             isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in history):
         fail("field 'history' must be a list of [question, answer] string pairs")
     out["history"] = [list(h) for h in history]
+    for text in (out["instruction"], out["input"], out["output"], *(x for h in history for x in h)):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            fail("holds a lone UTF-16 surrogate escape (e.g. \\ud800), which is not valid text")
     return out
 
 

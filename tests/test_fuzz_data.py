@@ -1,0 +1,173 @@
+"""Fuzzing the data loader: random mutations of valid files plus a fixed corpus of nasty ones.
+
+Every file must either load (then tokenize) or fail with a UserError whose message is one line and names the
+file. Any other exception, a multi-line message or a hang is a bug. The mutations are seeded, so a failure
+prints the seed and case number that reproduce it.
+"""
+
+import json
+import os
+import random
+
+import pytest
+
+from utils.args import UserError
+from utils.data import load_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEED = 20261127
+BYTE_CASES = 1200  # byte-level mutations
+JSON_CASES = 800  # structure-aware mutations
+
+VALID = [
+    {"instruction": "把这句话翻译成英文", "input": "今天天气很好。", "output": "The weather is nice today."},
+    {"instruction": "Name a prime number.", "input": "", "output": "7"},
+    {"instruction": "继续对话", "output": "好的。", "history": [["你好", "你好！"], ["你是谁？", "一个助手。"]]},
+]
+
+# Values a hostile or broken file may put anywhere.
+ODD_VALUES = [None, "", " ", 0, -1, 1.5, float("nan"), True, [], {}, [[]], ["a"], [["q"]], [["q", 1]],
+              {"a": "b"}, "\ud800", "\x00", "a" * 5000, "\u202e", "é" * 10, [["q", "a"]] * 3]
+
+
+def _check_outcome(path, tokenizer=None):
+    """Load `path`; return 'ok' or 'error'. Fails the test on anything but a clean one-line UserError."""
+    try:
+        records = load_dataset(path, log=lambda *a: None)
+    except UserError as e:
+        message = str(e)
+        assert "\n" not in message, f"multi-line error: {message!r}"
+        assert path in message, f"error does not name the file: {message!r}"
+        return "error"
+    assert records and all(isinstance(r["output"], str) for r in records)
+    if tokenizer is not None:
+        from utils.data import tokenize_records
+        from utils.prompts import load_template
+        examples = tokenize_records(records, tokenizer=tokenizer, template=load_template("alpaca", tokenizer),
+                                    cutoff_len=256, train_on_inputs=False, log=lambda *a: None)
+        assert examples and all(len(e["input_ids"]) <= 256 for e in examples)
+    return "ok"
+
+
+def _byte_mutation(rng, raw):
+    """One to three random edits of the file's bytes."""
+    data = bytearray(raw)
+    for _ in range(rng.randint(1, 3)):
+        op = rng.choice(("flip", "delete", "insert", "truncate", "duplicate", "swap"))
+        pos = rng.randrange(len(data) + 1) if data else 0
+        if op == "flip" and data:
+            data[min(pos, len(data) - 1)] ^= 1 << rng.randrange(8)
+        elif op == "delete":
+            del data[pos:pos + rng.randint(1, 16)]
+        elif op == "insert":
+            data[pos:pos] = rng.choice([b"\x00", b"\xff\xfe", b"\xe4\xbd", b"\"", b",", b"}", b"]", b"\n", b"{",
+                                        b"[", b"\xef\xbb\xbf", b"null", "你".encode("gbk"), b"\\u", b"NaN"])
+        elif op == "truncate":
+            data = data[:pos]
+        elif op == "duplicate" and data:
+            end = min(len(data), pos + rng.randint(1, 64))
+            data[pos:pos] = data[pos:end]
+        elif op == "swap" and len(data) > 2:
+            i, j = sorted(rng.sample(range(len(data)), 2))
+            data[i], data[j] = data[j], data[i]
+    return bytes(data)
+
+
+def _json_mutation(rng, records):
+    """Structural edits: wrong types, missing / null / odd fields, odd top level, nesting."""
+    records = json.loads(json.dumps(records))
+    op = rng.choice(("field", "drop", "record", "toplevel", "extra", "nest", "empty"))
+    if op == "field" and records:
+        rec = rng.choice([r for r in records if isinstance(r, dict)] or [{}])
+        rec[rng.choice(("instruction", "input", "output", "history"))] = rng.choice(ODD_VALUES)
+    elif op == "drop" and records:
+        rec = rng.choice([r for r in records if isinstance(r, dict)] or [{}])
+        rec.pop(rng.choice(("instruction", "input", "output", "history")), None)
+    elif op == "record" and records:
+        records[rng.randrange(len(records))] = rng.choice(ODD_VALUES)
+    elif op == "toplevel":
+        return rng.choice(ODD_VALUES + [records[0] if records else {}])
+    elif op == "extra" and records:
+        rng.choice([r for r in records if isinstance(r, dict)] or [{}])[rng.choice(("x", "", "输出"))] = "y"
+    elif op == "nest":
+        return [records] if rng.random() < 0.5 else {"data": records}
+    elif op == "empty":
+        return []
+    return records
+
+
+def _write(tmp_path, name, content):
+    path = str(tmp_path / name)
+    with open(path, "wb") as f:
+        f.write(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return path
+
+
+def _dumps(obj, rng):
+    return json.dumps(obj, ensure_ascii=rng.random() < 0.5, allow_nan=True)
+
+
+def test_fixed_corpus_of_bad_files(tmp_path, tiny_tokenizer):
+    corpus = {
+        "empty.json": b"",
+        "spaces.json": b"   \n\t ",
+        "bom_only.json": b"\xef\xbb\xbf",
+        "null.json": b"null",
+        "number.json": b"42",
+        "string.json": b'"hello"',
+        "deep.json": b"[" * 100000 + b"]" * 100000,  # Python's json recursion limit
+        "deep_jsonl.jsonl": b"[" * 100000 + b"]" * 100000 + b"\n",
+        "deep_record.json": b'[{"instruction": "a", "output": ' + b"[" * 50000 + b"]" * 50000 + b"}]",
+        "truncated.json": json.dumps(VALID).encode()[:-7],
+        "nul_bytes.json": b"\x00" * 64,
+        "utf16.json": json.dumps(VALID).encode("utf-16"),
+        "gbk.json": json.dumps(VALID, ensure_ascii=False).encode("gbk"),
+        "latin1.jsonl": b'{"instruction": "caf\xe9", "output": "x"}\n',
+        "lone_surrogate.json": b'[{"instruction": "\\ud800", "output": "\\udfff"}]',
+        "huge_number.json": b'[{"instruction": "a", "output": 1e999}]',
+        "nan.json": b'[{"instruction": NaN, "output": "x"}]',
+        "dup_keys.json": b'[{"instruction": "a", "instruction": 3, "output": "x"}]',
+        "bad_line.jsonl": b'{"instruction": "a", "output": "b"}\n{"instruction": \n',
+        "crlf.jsonl": b'{"instruction": "a", "output": "b"}\r\n\r\n{"instruction": "c", "output": "d"}\r\n',
+        "only_blank_lines.jsonl": b"\n\n\n",
+        "all_empty_outputs.json": b'[{"instruction": "a", "output": ""}, {"instruction": "b", "output": " "}]',
+        "duplicates.json": json.dumps([VALID[0]] * 5).encode(),
+    }
+    outcomes = {name: _check_outcome(_write(tmp_path, name, content), tiny_tokenizer)
+                for name, content in corpus.items()}
+    # only the two files that hold usable records load; every other one is a clean one-line error
+    assert {n for n, o in outcomes.items() if o == "ok"} == {"crlf.jsonl", "duplicates.json"}, outcomes
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_random_byte_mutations_never_crash(tmp_path, tiny_tokenizer, suffix):
+    rng = random.Random(SEED + len(suffix))
+    seed_file = (json.dumps(VALID, ensure_ascii=False, indent=1) if suffix == ".json"
+                 else "\n".join(json.dumps(r, ensure_ascii=False) for r in VALID)).encode("utf-8")
+    seen = {"ok": 0, "error": 0}
+    for case in range(BYTE_CASES // 2):
+        path = _write(tmp_path, f"case{suffix}", _byte_mutation(rng, seed_file))
+        try:
+            seen[_check_outcome(path, tiny_tokenizer if case % 20 == 0 else None)] += 1
+        except Exception as e:  # report the reproducer, then fail
+            raise AssertionError(f"case {case} (seed {SEED}, {suffix}): {type(e).__name__}: {e}") from e
+    print(f"byte mutations {suffix}: {seen}")
+    assert seen["ok"] > 0 and seen["error"] > 0, seen  # the mutations reach both outcomes
+
+
+def test_random_structural_mutations_never_crash(tmp_path, tiny_tokenizer):
+    rng = random.Random(SEED)
+    seen = {"ok": 0, "error": 0}
+    for case in range(JSON_CASES):
+        records = VALID
+        for _ in range(rng.randint(1, 3)):
+            records = _json_mutation(rng, records if isinstance(records, list) else [records])
+        jsonl = rng.random() < 0.3 and isinstance(records, list)
+        content = ("\n".join(_dumps(r, rng) for r in records) if jsonl else _dumps(records, rng))
+        path = _write(tmp_path, "case.jsonl" if jsonl else "case.json", content.encode("utf-8", "surrogatepass"))
+        try:
+            seen[_check_outcome(path, tiny_tokenizer if case % 10 == 0 else None)] += 1
+        except Exception as e:
+            raise AssertionError(f"case {case} (seed {SEED}): {type(e).__name__}: {e}") from e
+    print(f"structural mutations: {seen}")
+    assert seen["ok"] > 0 and seen["error"] > 0, seen
