@@ -67,7 +67,14 @@ def parse_args(argv=None):
                    help="a checkpoint-N folder, or 'latest' for the newest one in --output_dir")
     add_bool(g, "--overwrite_output_dir", False, "allow a new run in an output dir that holds checkpoints")
     g.add_argument("--seed", type=int, default=42, help="seed for LoRA init, dropout and data order")
-    g.add_argument("--report_to", default="none", help="tensorboard, wandb, ... or none")
+    g.add_argument("--eval_steps", type=int, default=None,
+                   help="evaluate on the held-out records every N optimizer steps (default: --save_steps)")
+    g.add_argument("--early_stopping_patience", type=int, default=0,
+                   help="stop after N evaluations without a lower eval loss and keep the best checkpoint as "
+                        "checkpoint-final (0 = off; needs --val_set_size)")
+    g.add_argument("--report_to", default="auto",
+                   help="tensorboard, wandb, ... (comma-separated) or none; auto = tensorboard when installed "
+                        "(logs in <output_dir>/runs)")
     return p.parse_args(argv)
 
 
@@ -75,7 +82,7 @@ def validate_args(args):
     """Every problem with the flags at once, before anything heavy happens."""
     problems = []
     for flag in ("cutoff_len", "per_device_train_batch_size", "gradient_accumulation_steps", "lora_r",
-                 "lora_alpha", "logging_steps", "save_steps"):
+                 "lora_alpha", "logging_steps", "save_steps", "eval_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             problems.append(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.save_total_limit < 0:
@@ -88,6 +95,13 @@ def validate_args(args):
         problems.append("give --num_train_epochs > 0 or --max_steps > 0")
     if args.val_set_size < 0 or (args.val_set_size >= 1 and args.val_set_size != int(args.val_set_size)):
         problems.append(f"--val_set_size must be a count or a fraction in (0, 1), got {args.val_set_size}")
+    if args.early_stopping_patience < 0:
+        problems.append(f"--early_stopping_patience must be >= 0, got {args.early_stopping_patience}")
+    elif args.early_stopping_patience and not args.val_set_size:
+        problems.append("--early_stopping_patience needs held-out records: pass --val_set_size too")
+    elif args.early_stopping_patience and args.eval_steps and args.save_steps % args.eval_steps:
+        problems.append(f"--early_stopping_patience keeps the best checkpoint, so --save_steps ({args.save_steps}) "
+                        f"must be a multiple of --eval_steps ({args.eval_steps})")
     if not os.path.isfile(args.data_path):
         problems.append(f"--data_path: file not found: {args.data_path}")
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest" \
@@ -137,10 +151,10 @@ def main(args):
     # ---- model: quantized base + LoRA adapters ----
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 
     from utils.modeling import compute_dtype, load_model
-    from utils.training import GracefulStop, MetaCallback, adapter_meta, finish_run
+    from utils.training import GracefulStop, MetaCallback, Trainer, adapter_meta, finish_run, report_targets
     set_seed(args.seed)
     model, _, info = load_model(args.base_model, bits=args.bits, training=True,
                                 local_files_only=args.local_files_only, trust_remote_code=args.trust_remote_code)
@@ -176,7 +190,10 @@ def main(args):
         **{ckpt_flag: args.gradient_checkpointing}, gradient_checkpointing_kwargs=ckpt_kwargs,
         logging_steps=args.logging_steps or 10, save_strategy="steps", save_steps=args.save_steps,
         save_total_limit=None, eval_strategy="steps" if val_set else "no",
-        eval_steps=args.save_steps, seed=args.seed, data_seed=args.seed, report_to=args.report_to,
+        eval_steps=args.eval_steps or args.save_steps, seed=args.seed, data_seed=args.seed,
+        report_to=report_targets(args.report_to, log), include_num_input_tokens_seen="non_padding",
+        load_best_model_at_end=bool(args.early_stopping_patience), metric_for_best_model="eval_loss",
+        greater_is_better=False,
         remove_unused_columns=False, ddp_find_unused_parameters=False, label_names=["labels"],
     )
     world = training_args.world_size
@@ -191,6 +208,10 @@ def main(args):
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=val_set,
                       data_collator=D.pad_collate(tokenizer), processing_class=tokenizer,
                       callbacks=[MetaCallback(meta, keep=args.save_total_limit), stopper := GracefulStop()])
+    if args.early_stopping_patience:
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
+        log(f"early stopping: after {args.early_stopping_patience} evaluations without a lower eval loss; "
+            "checkpoint-final will hold the best checkpoint's adapter")
     if args.resume_from_checkpoint:
         log(f"resuming from {args.resume_from_checkpoint}")
     started = time.time()
@@ -199,6 +220,14 @@ def main(args):
         log(f"stopped at step {trainer.state.global_step}; checkpoint saved in {args.output_dir}. Continue with "
             "the same command plus --resume_from_checkpoint latest")
         sys.exit(128 + stopper.signum)
+
+    if val_set is not None:
+        evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+        if args.early_stopping_patience:
+            log(f"best eval loss {trainer.state.best_metric:.4f} at {trainer.state.best_model_checkpoint}")
+        elif not evals or evals[-1]["step"] != trainer.state.global_step:
+            evals.append(trainer.evaluate())  # the end of training, unless the last periodic eval was there
+        log(f"final eval: loss {evals[-1]['eval_loss']:.4f}, perplexity {evals[-1]['eval_perplexity']:.3f}")
 
     # ---- save: final adapter, loss plot, summary ----
     final_dir = finish_run(trainer, meta, time.time() - started)

@@ -1,6 +1,7 @@
 """Flags: every boolean spelling the original README used, aliases, the legacy 8-bit flags, validate_args, --help."""
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -230,3 +231,32 @@ def test_rotation_orders_by_step_not_file_time_and_protects_the_best(tmp_path):
     rotate_checkpoints(str(out), keep=1, protect=str(out / "checkpoint-9"), log=lambda *a: None)
     assert sorted(os.listdir(out)) == ["checkpoint-100", "checkpoint-9"]
     assert rotate_checkpoints(str(out), keep=0) == []  # 0 keeps everything
+
+
+def _fake_adapter(folder, base):
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text("{}")
+    save_file({"x": __import__("torch").ones(1)}, str(folder / "adapter_model.safetensors"))
+    (folder / "training_meta.json").write_text(json.dumps({"base_model": str(base), "bits": 4}))
+    return folder
+
+
+def test_merge_refuses_the_base_models_own_folder_and_a_non_empty_target(tmp_path):
+    import merge_lora
+    base = tmp_path / "base-model"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    adapter = _fake_adapter(tmp_path / "adapter", base)
+    args = merge_lora.parse_args(["--lora_model", str(adapter), "--output_dir", str(tmp_path),
+                                  "--model_name", "base-model"])
+    with pytest.raises(UserError, match="base model's own folder"):
+        merge_lora.main(args)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "model.safetensors").write_text("precious")
+    args = merge_lora.parse_args(["--lora_model", str(adapter), "--output_dir", str(tmp_path),
+                                  "--model_name", "taken"])
+    with pytest.raises(UserError, match="--overwrite"):
+        merge_lora.main(args)
+    assert (tmp_path / "taken" / "model.safetensors").read_text() == "precious"
+    assert sorted(os.listdir(base)) == ["config.json"]

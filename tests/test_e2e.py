@@ -155,3 +155,28 @@ def test_cli_answers_a_trained_question_from_piped_input(trained):
     streamed = run("cli_demo.py", "--lora_model", str(out / "checkpoint-final"), "--temperature", "0",
                    "--max_new_tokens", "30", "--stream", stdin=FACTS[1]["instruction"] + "\n")
     assert f"Assistant: {FACTS[1]['output']}" in streamed.stdout
+
+
+def test_perplexity_on_the_trained_facts_falls(trained):
+    """perplexity.py: the base model vs base + adapter on the facts (answer tokens only, same template)."""
+    root, out, _ = trained
+    data = str(root / "facts.json")
+    run("perplexity.py", "--data_path", data, "--bits", "4", "--prompt_template", "tokenizer", "--cutoff_len", "512",
+        "--json", str(root / "before.json"))
+    proc = run("perplexity.py", "--lora_model", str(out / "checkpoint-final"), "--data_path", data,
+               "--json", str(root / "after.json"))
+    before = json.loads((root / "before.json").read_text())
+    after = json.loads((root / "after.json").read_text())
+    assert before["tokens"] == after["tokens"] > 20 and after["template"] == "tokenizer" and after["bits"] == 4
+    print(f"perplexity on the facts: {before['perplexity']:.2f} before, {after['perplexity']:.3f} after")
+    assert before["perplexity"] > 5 and after["perplexity"] < 1.5, (before, after)
+    assert f"perplexity {after['perplexity']:.3f}" in proc.stdout
+
+
+def test_perplexity_refuses_bad_input_before_loading(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"instruction": 3}]', encoding="utf-8")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "perplexity.py"), "--data_path", str(bad)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "record 0" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,6 +1,9 @@
-"""finetune.py options on the tiny 4-bit LLaMA: held-out evaluation and the plot/summary it feeds."""
+"""finetune.py options on the tiny 4-bit LLaMA: held-out evaluation, perplexity, early stopping, TensorBoard
+logs and the plot/summary they feed."""
 
+import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -8,16 +11,54 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_val_set_size_logs_eval_loss(tiny_llama_dir, tmp_path):
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "finetune.py"), "--base_model", tiny_llama_dir,
-                           "--output_dir", str(out), "--max_steps", "4", "--per_device_train_batch_size", "2",
-                           "--gradient_accumulation_steps", "1", "--save_steps", "2", "--cutoff_len", "128",
-                           "--val_set_size", "0.1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+def finetune(model_dir, out, *extra):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "finetune.py"), "--base_model", model_dir,
+                           "--output_dir", str(out), "--per_device_train_batch_size", "2",
+                           "--gradient_accumulation_steps", "1", "--cutoff_len", "128", *extra],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads((out / "training_summary.json").read_text())
+
+
+def test_val_set_size_logs_eval_loss_perplexity_and_tensorboard(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    log, summary = finetune(tiny_llama_dir, out, "--max_steps", "4", "--save_steps", "2", "--val_set_size", "0.1")
     # 48 records: 5 held out, and 1 training record is dropped by --cutoff_len 128
-    assert "42 training / 5 validation examples" in proc.stdout
-    summary = json.loads((out / "training_summary.json").read_text())
-    assert [step for step, _ in summary["eval_loss_history"]] == [2, 4]
+    assert "42 training / 5 validation examples" in log
+    assert [step for step, _ in summary["eval_loss_history"]] == [2, 4]  # no duplicate final evaluation
     assert summary["final_eval_loss"] == summary["eval_loss_history"][-1][1] > 0
+    assert summary["final_eval_perplexity"] == math.exp(summary["final_eval_loss"])
+    assert f"perplexity {summary['final_eval_perplexity']:.3f}" in log
+    # 4 steps x 2 examples of real (unpadded) tokens, counted by the Trainer; cutoff 128 bounds them
+    assert 8 * 10 < summary["tokens_seen"] <= 8 * 128 and summary["tokens_per_second"] > 0
+    assert summary["peak_process_memory_gib"] > 0.1
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    events = glob.glob(str(out / "runs" / "*" / "events.out.tfevents.*"))  # TensorBoard is on by default
+    assert events, os.listdir(out)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(os.path.dirname(events[0]))
+    acc.Reload()
+    assert {"train/loss", "eval/loss", "eval/perplexity"} <= set(acc.Tags()["scalars"])
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tiny_llama_dir, tmp_path):
+    # a learning rate too small to move the loss: no evaluation improves on the first one, so training stops
+    # after `patience` more evaluations, and checkpoint-final must be the first (best) checkpoint, not the last
+    out = tmp_path / "out"
+    log, summary = finetune(tiny_llama_dir, out, "--max_steps", "30", "--save_steps", "2", "--val_set_size", "8",
+                            "--early_stopping_patience", "2", "--learning_rate", "1e-12", "--warmup_ratio", "0",
+                            "--lr_scheduler_type", "constant", "--report_to", "none", "--save_total_limit", "1")
+    evals = summary["eval_loss_history"]
+    best_step, best = min(evals, key=lambda e: e[1])
+    assert summary["global_step"] < 30 and summary["global_step"] == evals[-1][0] == best_step + 2 * 2, evals
+    assert summary["best_checkpoint"].endswith(f"checkpoint-{best_step}")
+    assert os.path.isdir(summary["best_checkpoint"])  # rotation never removes the best one
+    assert f"best eval loss {best:.4f}" in log
+    # checkpoint-final holds the best checkpoint's adapter, not the last step's
+    from safetensors.torch import load_file
+    final = load_file(str(out / "checkpoint-final" / "adapter_model.safetensors"))
+    kept = load_file(os.path.join(summary["best_checkpoint"], "adapter_model.safetensors"))
+    last = load_file(str(out / f"checkpoint-{summary['global_step']}" / "adapter_model.safetensors"))
+    assert final.keys() == kept.keys() and all((final[k] == kept[k]).all() for k in final)
+    assert any((final[k] != last[k]).any() for k in final)  # the weights did move, below the loss's resolution
+    assert not (out / "runs").exists()  # --report_to none

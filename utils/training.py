@@ -2,12 +2,14 @@
 and the run summary."""
 
 import json
+import math
 import os
 import platform
 import re
 import shutil
 import signal
 
+import transformers
 from transformers import TrainerCallback
 
 from utils.modeling import META_FILE, write_meta
@@ -41,6 +43,28 @@ def adapter_meta(args, template, model_path):
         "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
         "versions": library_versions(),
     }
+
+
+class Trainer(transformers.Trainer):
+    """The HF Trainer, with perplexity next to every eval loss it logs (in the console, TensorBoard and the
+    run summary alike)."""
+
+    def log(self, logs, *args, **kwargs):
+        if "eval_loss" in logs:
+            logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+        super().log(logs, *args, **kwargs)
+
+
+def report_targets(report_to, log=print):
+    """--report_to as the Trainer takes it; auto = TensorBoard when its package is installed."""
+    if report_to != "auto":
+        return [t.strip() for t in report_to.split(",") if t.strip()] or "none"
+    import importlib.util
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        return ["tensorboard"]
+    log("note: TensorBoard is not installed (pip install tensorboard), so only loss.png and the console log "
+        "record the run")
+    return "none"
 
 
 class GracefulStop(TrainerCallback):
@@ -198,20 +222,34 @@ def run_summary(trainer, history, wall_seconds):
     train_losses = [h["loss"] for h in history if "loss" in h]
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
     end = next((h for h in reversed(history) if "train_runtime" in h), {})
+    tokens = trainer.state.num_input_tokens_seen  # non-padding tokens, summed over all processes
+    runtime = end.get("train_runtime")
     return {
         "global_step": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "first_loss": train_losses[0] if train_losses else None,
         "final_loss": train_losses[-1] if train_losses else None,
         "final_eval_loss": eval_losses[-1] if eval_losses else None,
-        "train_runtime_s": end.get("train_runtime"),
+        "final_eval_perplexity": math.exp(min(eval_losses[-1], 50.0)) if eval_losses else None,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "tokens_seen": tokens,
+        "tokens_per_second": round(tokens / runtime, 1) if tokens and runtime else None,
+        "train_runtime_s": runtime,
         "train_samples_per_second": end.get("train_samples_per_second"),
         "wall_time_s": round(wall_seconds, 1),
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
         if torch.cuda.is_available() else None,
+        "peak_process_memory_gib": round(_peak_rss_bytes() / 2**30, 2),
         "loss_history": [[h["step"], h["loss"]] for h in history if "loss" in h],
         "eval_loss_history": [[h["step"], h["eval_loss"]] for h in history if "eval_loss" in h],
     }
+
+
+def _peak_rss_bytes():
+    import resource
+    import sys
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
 def save_loss_plot(history, path):
