@@ -153,23 +153,27 @@ def main(args):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 
-    from utils.modeling import compute_dtype, load_model
+    from utils.modeling import compute_dtype, load_model, sharded_engine
     from utils.training import GracefulStop, MetaCallback, Trainer, adapter_meta, finish_run, report_targets
     set_seed(args.seed)
     model, _, info = load_model(args.base_model, bits=args.bits, training=True,
                                 local_files_only=args.local_files_only, trust_remote_code=args.trust_remote_code)
     ckpt_kwargs = {"use_reentrant": False}  # re-entrant checkpointing breaks DDP (pitfall 6)
-    if args.bits in (4, 8):
+    sharded = sharded_engine() is not None and torch.cuda.is_available()
+    if args.bits in (4, 8) and not sharded:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=ckpt_kwargs)
     elif args.gradient_checkpointing:
+        # FSDP / ZeRO-3 need one dtype per wrapped block, so nothing is upcast to fp32 here
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
         model.enable_input_require_grads()
     targets = args.lora_target_modules
     targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     try:
         model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
                                                  lora_dropout=args.lora_dropout, target_modules=targets,
-                                                 bias="none", task_type="CAUSAL_LM"))
+                                                 bias="none", task_type="CAUSAL_LM"),
+                               autocast_adapter_dtype=not sharded)
     except ValueError as e:
         raise UserError(f"--lora_target_modules {args.lora_target_modules}: {e}") from None
     trainable, total = model.get_nb_trainable_parameters()
@@ -208,6 +212,10 @@ def main(args):
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=val_set,
                       data_collator=D.pad_collate(tokenizer), processing_class=tokenizer,
                       callbacks=[MetaCallback(meta, keep=args.save_total_limit), stopper := GracefulStop()])
+    if sharded and getattr(trainer.accelerator.state, "fsdp_plugin", None) is not None:
+        from peft.utils.other import fsdp_auto_wrap_policy
+        # LoRA layers (trainable) in FSDP units of their own, apart from the frozen 4-bit blocks
+        trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
     if args.early_stopping_patience:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
         log(f"early stopping: after {args.early_stopping_patience} evaluations without a lower eval loss; "

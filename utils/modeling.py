@@ -174,10 +174,23 @@ def compute_dtype():
     return torch.float32
 
 
+def sharded_engine():
+    """'fsdp' or 'deepspeed' when `accelerate launch` runs with such a config (it sets these variables),
+    else None. Sharded training keeps the 4-bit weights in a float storage dtype so they can be sharded, and
+    leaves placement to the engine."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return "fsdp"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        return "deepspeed"
+    return None
+
+
 def placement(num_gpus=None, max_gpu_memory=None, training=False):
     """device_map and max_memory for from_pretrained, plus a sentence saying what was chosen."""
     available = torch.cuda.device_count()
     rank = distributed_local_rank()
+    if training and available and sharded_engine():
+        return None, None, f"{sharded_engine().upper()}-sharded over {os.environ.get('WORLD_SIZE', '?')} processes"
     if rank is not None and available:
         # Under a launcher each process holds its own copy on its own GPU; never "auto" (pitfall 5).
         return {"": rank}, None, f"process-local GPU {rank}"
@@ -205,11 +218,14 @@ def placement(num_gpus=None, max_gpu_memory=None, training=False):
     return "auto", cap, f"{n} GPUs (layers split, memory cap {cap})"
 
 
-def quantization_config(bits):
+def quantization_config(bits, sharded=False):
     from transformers import BitsAndBytesConfig
     if bits == 4:
+        # FSDP / ZeRO-3 can only shard float tensors: store the packed 4-bit weights in the compute dtype
+        # (the same bytes, viewed as bf16), matching the other parameters so whole blocks are wrapped together
+        storage = {"bnb_4bit_quant_storage": compute_dtype()} if sharded else {}
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype())
+                                  bnb_4bit_compute_dtype=compute_dtype(), **storage)
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
@@ -250,8 +266,9 @@ def load_model(model_spec, *, bits=16, lora_model=None, training=False, num_gpus
     device_map, max_memory, where = placement(num_gpus, max_gpu_memory, training)
     if bits in (4, 8) and device_map == {"": "cpu"} and not _bnb_available():
         raise UserError(f"--bits {bits} needs bitsandbytes: pip install 'bitsandbytes>=0.45'")
+    sharded = training and device_map is None
     kwargs = dict(dtype=compute_dtype(), device_map=device_map, max_memory=max_memory,
-                  quantization_config=quantization_config(bits), local_files_only=local_files_only,
+                  quantization_config=quantization_config(bits, sharded), local_files_only=local_files_only,
                   trust_remote_code=trust_remote_code, use_safetensors=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

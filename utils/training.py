@@ -153,11 +153,16 @@ def rotate_checkpoints(output_dir, keep, protect=None, log=print):
 # the Trainer has finished writing the rest, so it doubles as the "complete" mark: a checkpoint killed while
 # being written lacks it and is never resumed from.
 RESUME_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", META_FILE)
+# where FSDP saves the optimizer instead of optimizer.pt (full or sharded state dict)
+OPTIMIZER_ALTERNATIVES = ("optimizer.bin", "optimizer_0")
 
 
 def checkpoint_problem(folder):
     """None if `folder` is a complete, resumable checkpoint; else what is wrong with it."""
-    missing = [f for f in RESUME_FILES if not os.path.isfile(os.path.join(folder, f))]
+    def present(name):
+        alternatives = OPTIMIZER_ALTERNATIVES if name == "optimizer.pt" else ()
+        return any(os.path.exists(os.path.join(folder, n)) for n in (name, *alternatives))
+    missing = [f for f in RESUME_FILES if not present(f)]
     if missing:
         return "missing " + ", ".join(missing)
     try:
