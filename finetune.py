@@ -224,6 +224,7 @@ def main(args):
         log(f"resuming from {args.resume_from_checkpoint}")
     started = time.time()
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    peak_gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None  # before the final save
     if stopper.signum is not None:
         log(f"stopped at step {trainer.state.global_step}; checkpoint saved in {args.output_dir}. Continue with "
             "the same command plus --resume_from_checkpoint latest")
@@ -238,7 +239,7 @@ def main(args):
         log(f"final eval: loss {evals[-1]['eval_loss']:.4f}, perplexity {evals[-1]['eval_perplexity']:.3f}")
 
     # ---- save: final adapter, loss plot, summary ----
-    final_dir = finish_run(trainer, meta, time.time() - started)
+    final_dir = finish_run(trainer, meta, time.time() - started, peak_gpu)
     log(f"final adapter: {final_dir}")
     return final_dir
 

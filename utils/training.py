@@ -201,7 +201,7 @@ def check_adapter(folder):
             raise RuntimeError(f"{path} holds no tensors: the adapter was not saved")
 
 
-def finish_run(trainer, meta, wall_seconds):
+def finish_run(trainer, meta, wall_seconds, peak_gpu_bytes=None):
     """Save the final adapter (+ tokenizer + meta) into checkpoint-final, then the plot and summary."""
     out = trainer.args.output_dir
     final_dir = os.path.join(out, FINAL_DIR)
@@ -216,14 +216,13 @@ def finish_run(trainer, meta, wall_seconds):
     os.replace(tmp, final_dir)
     history = trainer.state.log_history
     save_loss_plot(history, os.path.join(out, "loss.png"))
-    summary = run_summary(trainer, history, wall_seconds)
+    summary = run_summary(trainer, history, wall_seconds, peak_gpu_bytes)
     with open(os.path.join(out, "training_summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
     return final_dir
 
 
-def run_summary(trainer, history, wall_seconds):
-    import torch
+def run_summary(trainer, history, wall_seconds, peak_gpu_bytes=None):
     train_losses = [h["loss"] for h in history if "loss" in h]
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
     end = next((h for h in reversed(history) if "train_runtime" in h), {})
@@ -242,8 +241,7 @@ def run_summary(trainer, history, wall_seconds):
         "train_runtime_s": runtime,
         "train_samples_per_second": end.get("train_samples_per_second"),
         "wall_time_s": round(wall_seconds, 1),
-        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        if torch.cuda.is_available() else None,
+        "peak_gpu_memory_gib": round(peak_gpu_bytes / 2**30, 2) if peak_gpu_bytes is not None else None,
         "peak_process_memory_gib": round(_peak_rss_bytes() / 2**30, 2),
         "loss_history": [[h["step"], h["loss"]] for h in history if "loss" in h],
         "eval_loss_history": [[h["step"], h["eval_loss"]] for h in history if "eval_loss" in h],

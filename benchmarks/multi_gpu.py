@@ -1,0 +1,174 @@
+"""Multi-GPU evidence on one host with 2+ GPUs: DDP scaling, FSDP-QLoRA memory, --num_gpus inference.
+
+    python benchmarks/multi_gpu.py --out /tmp/mgpu                   # LLaMA-2-7B shape, random weights
+    python benchmarks/multi_gpu.py --out /tmp/mgpu --layers 2 --hidden 256 --intermediate 512 --steps 3  # smoke
+
+Every run goes through the scripts exactly as users launch them (finetune.py under python, torchrun and
+accelerate launch; cli_demo.py), with the same global batch, so the loss curves are comparable:
+  1. one GPU            python finetune.py       micro-batch M, accumulation 2
+  2. DDP, 2 GPUs        torchrun                 micro-batch M per GPU
+  3. FSDP-QLoRA, 2 GPUs accelerate launch --config_file configs/accelerate_fsdp_qlora.yaml, micro-batch M
+  4. inference: cli_demo.py greedy on 1 GPU vs --num_gpus 2, in 16-bit and 4-bit, on a model of the same width
+Throughput is real (non-pad) tokens per second of training as the Trainer timed it (first step included);
+peak memory is torch.cuda.max_memory_allocated of each process (the largest over ranks).
+"""
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def build_model(folder, layers, hidden, intermediate, vocab=32000, seed=0):
+    """A LLaMA with random weights (std 0.02) and a word-level tokenizer of `vocab` entries, saved as a
+    normal HF folder. Built on the GPU in bf16 when there is one: seconds instead of minutes."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    words = ["<unk>", "<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(vocab - 4)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=max(1, hidden // 128), num_key_value_heads=max(1, hidden // 128),
+                         vocab_size=vocab, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=3, tie_word_embeddings=False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.02)
+    tmp = folder + ".tmp"
+    model.save_pretrained(tmp, max_shard_size="5GB")
+    fast.save_pretrained(tmp)
+    os.replace(tmp, folder)
+    del model
+    return folder
+
+
+def write_data(path, records, vocab=32000, words=560, seed=0):
+    """Alpaca records long enough that every example fills --cutoff_len: no padding in any batch."""
+    rng = random.Random(seed)
+    data = [{"instruction": " ".join(f"w{rng.randrange(vocab - 4)}" for _ in range(24)), "input": "",
+             "output": " ".join(f"w{rng.randrange(vocab - 4)}" for _ in range(words))} for _ in range(records)]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    return path
+
+
+def run(name, cmd, log_dir, env=None, timeout=900):
+    started = time.time()
+    with open(os.path.join(log_dir, f"{name}.log"), "w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
+                              env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
+    took = time.time() - started
+    print(f"[{name}] exit {proc.returncode} in {took:.0f} s", flush=True)
+    if proc.returncode:
+        print(open(os.path.join(log_dir, f"{name}.log")).read()[-3000:], flush=True)
+    return proc.returncode == 0
+
+
+def summary(out_dir):
+    with open(os.path.join(out_dir, "training_summary.json")) as f:
+        return json.load(f)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="work folder (model, data, outputs, logs)")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--intermediate", type=int, default=11008)
+    p.add_argument("--infer_layers", type=int, default=8, help="layers of the inference check's model")
+    p.add_argument("--micro_batch", type=int, default=4, help="examples per GPU per forward pass")
+    p.add_argument("--seq", type=int, default=512, help="tokens per example (--cutoff_len)")
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps per training run")
+    p.add_argument("--only", default="single,ddp,fsdp,infer", help="comma-separated subset of the runs")
+    args = p.parse_args()
+    only = set(args.only.split(","))
+    os.makedirs(args.out, exist_ok=True)
+    import torch
+    gpus = torch.cuda.device_count()
+    print(f"{gpus} GPU(s): {[torch.cuda.get_device_name(i) for i in range(gpus)]}; torch {torch.__version__}",
+          flush=True)
+    t = time.time()
+    model = build_model(os.path.join(args.out, "model"), args.layers, args.hidden, args.intermediate)
+    print(f"model ready in {time.time() - t:.0f} s", flush=True)
+    records = args.micro_batch * 2 * args.steps
+    data = write_data(os.path.join(args.out, "data.json"), records)
+    train = [os.path.join(ROOT, "finetune.py"), "--base_model", model, "--data_path", data, "--max_steps",
+             str(args.steps), "--cutoff_len", str(args.seq), "--per_device_train_batch_size", str(args.micro_batch),
+             "--save_steps", "100000", "--logging_steps", "1", "--report_to", "none", "--optim", "adamw_torch",
+             "--learning_rate", "1e-4", "--warmup_ratio", "0", "--lora_dropout", "0", "--prompt_template", "alpaca"]
+    results = {}
+    if "single" in only and run("single", [sys.executable, *train, "--output_dir", os.path.join(args.out, "single"),
+                                           "--gradient_accumulation_steps", "2"], args.out):
+        results["single"] = summary(os.path.join(args.out, "single"))
+    if "ddp" in only and gpus >= 2 and run("ddp", [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *train,
+            "--output_dir", os.path.join(args.out, "ddp"), "--gradient_accumulation_steps", "1"], args.out):
+        results["ddp"] = summary(os.path.join(args.out, "ddp"))
+    if "fsdp" in only and gpus >= 2 and run("fsdp", [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            os.path.join(ROOT, "configs", "accelerate_fsdp_qlora.yaml"), *train,
+            "--output_dir", os.path.join(args.out, "fsdp"), "--gradient_accumulation_steps", "1"], args.out):
+        results["fsdp"] = summary(os.path.join(args.out, "fsdp"))
+
+    if "infer" in only and gpus >= 2:
+        small = build_model(os.path.join(args.out, "infer_model"), args.infer_layers, args.hidden,
+                            args.intermediate, seed=1)
+        prompt = " ".join(f"w{i * 7 + 11}" for i in range(40)) + "\n"
+        for bits in (16, 4):
+            for n in (1, 2):
+                name = f"infer_{bits}bit_{n}gpu"
+                cmd = [sys.executable, os.path.join(ROOT, "cli_demo.py"), "--model_path", small, "--bits", str(bits),
+                       "--num_gpus", str(n), "--temperature", "0", "--max_new_tokens", "48",
+                       "--input_pattern", "alpaca"]
+                with open(os.path.join(args.out, f"{name}.log"), "w") as log:
+                    proc = subprocess.run(cmd, cwd=ROOT, input=prompt, text=True, stdout=subprocess.PIPE,
+                                          stderr=log, timeout=600)
+                replies = [line for line in proc.stdout.splitlines() if line.startswith("Assistant:")]
+                results[name] = {"exit": proc.returncode, "reply": replies[0] if replies else None}
+                print(f"[{name}] exit {proc.returncode}: {str(results[name]['reply'])[:100]}", flush=True)
+
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print("\n| run | processes x micro-batch x accumulation | tokens/s | peak GiB / GPU | losses (first, last) |")
+    print("|---|---|---|---|---|")
+    shape = {"single": "1 x {m} x 2", "ddp": "2 x {m} x 1", "fsdp": "2 x {m} x 1"}
+    for name in ("single", "ddp", "fsdp"):
+        if name in results:
+            s = results[name]
+            losses = [loss for _, loss in s["loss_history"]]
+            print(f"| {name} | {shape[name].format(m=args.micro_batch)} | {s['tokens_per_second']} | "
+                  f"{s['peak_gpu_memory_gib']} | {losses[0]:.4f}, {losses[-1]:.4f} |")
+    if "single" in results and "ddp" in results:
+        print(f"DDP speed-up: {results['ddp']['tokens_per_second'] / results['single']['tokens_per_second']:.2f}x")
+    if "single" in results and "fsdp" in results and results["single"]["peak_gpu_memory_gib"]:
+        print(f"FSDP peak / single peak: "
+              f"{results['fsdp']['peak_gpu_memory_gib'] / results['single']['peak_gpu_memory_gib']:.0%}")
+    for a, b in (("ddp", "fsdp"), ("single", "ddp")):
+        if a in results and b in results:
+            la = [loss for _, loss in results[a]["loss_history"]]
+            lb = [loss for _, loss in results[b]["loss_history"]]
+            print(f"max |loss {a} - loss {b}| over {len(la)} steps: {max(abs(x - y) for x, y in zip(la, lb)):.2e}")
+    for bits in (16, 4):
+        one, two = results.get(f"infer_{bits}bit_1gpu"), results.get(f"infer_{bits}bit_2gpu")
+        if one and two:
+            print(f"{bits}-bit greedy reply, 1 GPU vs --num_gpus 2: "
+                  f"{'identical' if one['reply'] == two['reply'] and one['reply'] else 'DIFFERENT'}")
+
+
+if __name__ == "__main__":
+    main()
