@@ -8,6 +8,7 @@ accelerate launch; cli_demo.py), with the same global batch, so the loss curves 
   1. one GPU            python finetune.py       micro-batch M, accumulation 2
   2. DDP, 2 GPUs        torchrun                 micro-batch M per GPU
   3. FSDP-QLoRA, 2 GPUs accelerate launch --config_file configs/accelerate_fsdp_qlora.yaml, micro-batch M
+     (and, with --only ...,zero3, DeepSpeed ZeRO-3 through configs/accelerate_deepspeed_zero3.yaml)
   4. inference: cli_demo.py greedy on 1 GPU vs --num_gpus 2, in 16-bit and 4-bit, on a model of the same width
 Throughput is real (non-pad) tokens per second of training as the Trainer timed it (first step included);
 peak memory is torch.cuda.max_memory_allocated of each process (the largest over ranks).
@@ -125,6 +126,12 @@ def main():
             "--output_dir", os.path.join(args.out, "fsdp"), "--gradient_accumulation_steps", "1"], args.out):
         results["fsdp"] = summary(os.path.join(args.out, "fsdp"))
 
+    if "zero3" in only and gpus >= 2 and run("zero3", [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            os.path.join(ROOT, "configs", "accelerate_deepspeed_zero3.yaml"), *train,
+            "--output_dir", os.path.join(args.out, "zero3"), "--gradient_accumulation_steps", "1"], args.out):
+        results["zero3"] = summary(os.path.join(args.out, "zero3"))
+
     if "infer" in only and gpus >= 2:
         small = build_model(os.path.join(args.out, "infer_model"), args.infer_layers, args.hidden,
                             args.intermediate, seed=1)
@@ -146,8 +153,8 @@ def main():
         json.dump(results, f, indent=2)
     print("\n| run | processes x micro-batch x accumulation | tokens/s | peak GiB / GPU | losses (first, last) |")
     print("|---|---|---|---|---|")
-    shape = {"single": "1 x {m} x 2", "ddp": "2 x {m} x 1", "fsdp": "2 x {m} x 1"}
-    for name in ("single", "ddp", "fsdp"):
+    shape = {"single": "1 x {m} x 2", "ddp": "2 x {m} x 1", "fsdp": "2 x {m} x 1", "zero3": "2 x {m} x 1"}
+    for name in ("single", "ddp", "fsdp", "zero3"):
         if name in results:
             s = results[name]
             losses = [loss for _, loss in s["loss_history"]]
@@ -158,7 +165,7 @@ def main():
     if "single" in results and "fsdp" in results and results["single"]["peak_gpu_memory_gib"]:
         print(f"FSDP peak / single peak: "
               f"{results['fsdp']['peak_gpu_memory_gib'] / results['single']['peak_gpu_memory_gib']:.0%}")
-    for a, b in (("ddp", "fsdp"), ("single", "ddp")):
+    for a, b in (("ddp", "fsdp"), ("single", "ddp"), ("ddp", "zero3")):
         if a in results and b in results:
             la = [loss for _, loss in results[a]["loss_history"]]
             lb = [loss for _, loss in results[b]["loss_history"]]
