@@ -156,6 +156,9 @@ def main(args):
     from utils.modeling import compute_dtype, load_model, sharded_engine
     from utils.training import GracefulStop, MetaCallback, Trainer, adapter_meta, finish_run, report_targets
     set_seed(args.seed)
+    if sharded_engine() and torch.cuda.is_available():
+        from accelerate import PartialState
+        PartialState()  # join the process group and select this rank's GPU before the 4-bit weights are placed
     model, _, info = load_model(args.base_model, bits=args.bits, training=True,
                                 local_files_only=args.local_files_only, trust_remote_code=args.trust_remote_code)
     ckpt_kwargs = {"use_reentrant": False}  # re-entrant checkpointing breaks DDP (pitfall 6)
@@ -212,10 +215,6 @@ def main(args):
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=val_set,
                       data_collator=D.pad_collate(tokenizer), processing_class=tokenizer,
                       callbacks=[MetaCallback(meta, keep=args.save_total_limit), stopper := GracefulStop()])
-    if sharded and getattr(trainer.accelerator.state, "fsdp_plugin", None) is not None:
-        from peft.utils.other import fsdp_auto_wrap_policy
-        # LoRA layers (trainable) in FSDP units of their own, apart from the frozen 4-bit blocks
-        trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
     if args.early_stopping_patience:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
         log(f"early stopping: after {args.early_stopping_patience} evaluations without a lower eval loss; "
