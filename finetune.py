@@ -3,6 +3,7 @@
 One GPU, or the CPU (a tiny offline run on the bundled model and the sample data):
     python finetune.py
     python finetune.py --base_model path/to/llama --data_path dataset/sample.json --output_dir output/
+    python finetune.py --data_path dataset/sample_sharegpt.json dataset/sample_messages.jsonl  # conversations
 Several GPUs, data parallel (each process holds its own 4-bit copy):
     torchrun --nproc_per_node=2 finetune.py --base_model ... --data_path ...
     accelerate launch finetune.py --base_model ... --data_path ...
