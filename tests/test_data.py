@@ -96,6 +96,7 @@ BAD = {
                               ["record 1: field 'conversations' is empty"]),
     "sg_no_assistant": ("d.json", dump(SG_OK, sg(("human", "Hi"))), ["record 1: the conversation has no assistant"]),
     "sg_system_only": ("d.json", dump(sg(("system", "Be brief."))), ["record 0: the conversation has no assistant"]),
+    "sg_empty_system_only": ("d.json", dump(sg(("system", ""))), ["record 0: the conversation has no assistant"]),
     "sg_value_int": ("d.json", dump(sg(("human", "Hi"), ("gpt", 3))),
                      ["record 0: turn 1: field 'value' must be a string, got int"]),
     "sg_value_missing": ("d.json", dump({"conversations": [{"from": "human"}]}),
@@ -314,7 +315,7 @@ def test_parquet_with_null_columns_and_a_bad_row(tmp_path):
 def test_broken_parquet(tmp_path):
     path = tmp_path / "d.parquet"
     path.write_bytes(b"PAR1 not really")
-    with pytest.raises(UserError, match=rf"^{path}: not a readable parquet file"):
+    with pytest.raises(UserError, match=rf"^{path}: not a readable parquet file \(\w+: [^\n]+\)$"):
         load(path)
 
 
@@ -329,6 +330,9 @@ def test_save_to_disk_folders(tmp_path):
     datasets.DatasetDict(test=one).save_to_disk(str(tmp_path / "no_train"))
     with pytest.raises(UserError, match=r"without a 'train' split \(it has test\)"):
         load(tmp_path / "no_train")
+    (tmp_path / "one" / "state.json").write_text("{oops")
+    with pytest.raises(UserError, match=rf"^{tmp_path / 'one'}: cannot load the saved dataset \(\w+: [^\n]+\)$"):
+        load(tmp_path / "one")
     (tmp_path / "plain").mkdir()
     with pytest.raises(UserError, match=rf"^{tmp_path / 'plain'}: a folder, but not one written by datasets"):
         load(tmp_path / "plain")

@@ -101,8 +101,12 @@ def _read_parquet(path):
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow raises its own error types for a damaged or foreign file
-        raise UserError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: not a readable parquet file ({_one_line(e)})") from None
     return [(f"record {i}", r) for i, r in enumerate(rows)]
+
+
+def _one_line(error):
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
 def _read_saved_dataset(path):
@@ -120,7 +124,7 @@ def _read_saved_dataset(path):
     try:
         data = datasets.load_from_disk(path)
     except Exception as e:  # datasets raises several types for a damaged folder
-        raise UserError(f"{path}: cannot load the saved dataset ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: cannot load the saved dataset ({_one_line(e)})") from None
     if isinstance(data, datasets.DatasetDict):
         if "train" not in data:
             raise UserError(f"{path}: a saved DatasetDict without a 'train' split (it has {', '.join(data)}); "
@@ -215,7 +219,7 @@ def _conversation_messages(path, where, rec, fmt):
         if role == "user" and not text.strip():
             fail(f"field '{text_key}' of a user turn is empty")
         messages.append({"role": role, "content": text})
-    trailing_user = messages[-1]["role"] == "user"
+    trailing_user = bool(messages) and messages[-1]["role"] == "user"
     if trailing_user:  # nothing to learn from a question without its answer
         messages.pop()
     if not any(m["role"] == "assistant" for m in messages):
