@@ -108,11 +108,6 @@ def sample_texts():
             for line in text.splitlines() if line.strip()]
 
 
-def write_llama_sp_config(folder, add_eos_token=False):
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": add_eos_token}))
-
-
 @pytest.fixture(scope="session")
 def llama_sp_dir(tmp_path_factory):
     """A folder with a LLaMA-style SentencePiece tokenizer.model trained on the sample data, as LLaMA's was
@@ -129,7 +124,8 @@ def llama_sp_dir(tmp_path_factory):
         minloglevel=2)
     for name in ("tokenizer.vocab", "corpus.txt"):
         (folder / name).unlink()
-    write_llama_sp_config(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False}))
     return folder
 
 
