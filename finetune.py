@@ -3,6 +3,7 @@
 One GPU, or the CPU (a tiny offline run on the bundled model and the sample data):
     python finetune.py
     python finetune.py --base_model path/to/llama --data_path dataset/sample.json --output_dir output/
+    python finetune.py --data_path dataset/sample_sharegpt.json dataset/sample_messages.jsonl  # conversations
 Several GPUs, data parallel (each process holds its own 4-bit copy):
     torchrun --nproc_per_node=2 finetune.py --base_model ... --data_path ...
     accelerate launch finetune.py --base_model ... --data_path ...
@@ -17,6 +18,7 @@ import sys
 import time
 
 from utils.args import UserError, add_bool, add_model_args, resolve_bits, run_main
+from utils.data import FORMATS, OVERLONG
 from utils.training import checkpoint_problem, latest_complete_checkpoint, step_checkpoints
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dataset", "sample.json")
@@ -26,14 +28,23 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, inference=False)
     g = p.add_argument_group("Data")
-    g.add_argument("--data_path", default=DEFAULT_DATA, help="JSON list or JSONL of {instruction, input, output}")
+    g.add_argument("--data_path", nargs="+", default=[DEFAULT_DATA],
+                   help="one or more data files, mixed (space- or comma-separated): JSON list, JSONL, .parquet, "
+                        "or a folder written by datasets' save_to_disk; records in Alpaca, ShareGPT or messages "
+                        "format (see dataset/README.md)")
+    g.add_argument("--data_format", default="auto", choices=("auto", *FORMATS),
+                   help="record format of every file; auto = detect each file's from its first record")
     g.add_argument("--prompt_template", default="auto",
-                   help="alpaca, chat, tokenizer (the tokenizer's chat template), a .json template path, "
-                        "or auto (= tokenizer if it has a chat template, else alpaca)")
-    g.add_argument("--cutoff_len", type=int, default=512, help="longest example in tokens; longer ones are cut")
+                   help="alpaca, chat, chatml, llama2, llama3, tokenizer (the tokenizer's chat template), a .json "
+                        "template path, or auto (= tokenizer if it has a chat template, else alpaca)")
+    g.add_argument("--cutoff_len", type=int, default=512, help="longest example in tokens")
+    g.add_argument("--overlong", default="truncate", choices=OVERLONG,
+                   help="records longer than --cutoff_len: truncate (default; cut at the limit) or drop. A record "
+                        "whose answers all lie beyond the limit is always dropped")
     g.add_argument("--val_set_size", type=float, default=0,
                    help="records held out for evaluation: a count, or a fraction when < 1 (0 = none)")
-    add_bool(g, "--train_on_inputs", False, "also train on prompt tokens (default: only the answers)")
+    add_bool(g, "--train_on_inputs", False,
+             "also train on prompts, system and user turns (default: only the assistant turns, every one of them)")
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora_r", type=int, default=16, help="adapter rank")
     g.add_argument("--lora_alpha", type=int, default=32, help="adapter scale numerator (scale = alpha / r)")
@@ -102,8 +113,12 @@ def validate_args(args):
     elif args.early_stopping_patience and args.eval_steps and args.save_steps % args.eval_steps:
         problems.append(f"--early_stopping_patience keeps the best checkpoint, so --save_steps ({args.save_steps}) "
                         f"must be a multiple of --eval_steps ({args.eval_steps})")
-    if not os.path.isfile(args.data_path):
-        problems.append(f"--data_path: file not found: {args.data_path}")
+    # a path that exists is taken whole (it may hold a comma); anything else is split at commas
+    args.data_path = [part.strip() for value in args.data_path
+                      for part in ([value] if os.path.exists(value) else value.split(",")) if part.strip()]
+    problems += [f"--data_path: file not found: {path}" for path in args.data_path if not os.path.exists(path)]
+    if not args.data_path:
+        problems.append("--data_path: no file given")
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest" \
             and not os.path.isdir(args.resume_from_checkpoint):
         problems.append(f"--resume_from_checkpoint: no such folder: {args.resume_from_checkpoint}")
@@ -135,16 +150,16 @@ def main(args):
     log = print if is_main else (lambda *a, **k: None)
 
     # ---- data: read and check every record before any model is loaded ----
-    records = D.load_dataset(args.data_path, log=log)
+    conversations, data_files = D.load_dataset(args.data_path, args.data_format, log=log)
     model_path = resolve_model_path(args.base_model, args.local_files_only)
     tokenizer = load_tokenizer(model_path, local_files_only=args.local_files_only,
                                trust_remote_code=args.trust_remote_code)
     template = load_template(args.prompt_template, tokenizer)
-    train_records, val_records = D.split_train_val(records, args.val_set_size, args.seed)
-    encode = dict(tokenizer=tokenizer, template=template, cutoff_len=args.cutoff_len,
-                  train_on_inputs=args.train_on_inputs, log=log)
-    train_set = D.TokenizedDataset(D.tokenize_records(train_records, **encode))
-    val_set = D.TokenizedDataset(D.tokenize_records(val_records, **encode)) if val_records else None
+    examples = D.tokenize_records(conversations, tokenizer, template, args.cutoff_len,
+                                  train_on_inputs=args.train_on_inputs, overlong=args.overlong, log=log)
+    train_examples, val_examples = D.split_train_val(examples, args.val_set_size, args.seed)
+    train_set = D.TokenizedDataset(train_examples)
+    val_set = D.TokenizedDataset(val_examples) if val_examples else None
     log(f"data: {len(train_set)} training / {len(val_set or [])} validation examples, "
         f"template '{template.name}', cutoff {args.cutoff_len} tokens")
 
@@ -212,6 +227,7 @@ def main(args):
         f"{args.gradient_accumulation_steps} accumulation = "
         f"{world * args.per_device_train_batch_size * args.gradient_accumulation_steps}")
     meta = adapter_meta(args, template, model_path)
+    meta["data"] = {"files": data_files, "overlong": args.overlong, "examples": len(examples)}
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=val_set,
                       data_collator=D.pad_collate(tokenizer), processing_class=tokenizer,
                       callbacks=[MetaCallback(meta, keep=args.save_total_limit), stopper := GracefulStop()])

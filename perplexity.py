@@ -19,7 +19,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, inference=True)
     g = p.add_argument_group("Data")
-    g.add_argument("--data_path", required=True, help="JSON list or JSONL of instruction records")
+    g.add_argument("--data_path", required=True, nargs="+",
+                   help="one or more data files (JSON, JSONL, parquet, a save_to_disk folder), as finetune.py takes")
+    g.add_argument("--data_format", default="auto", choices=("auto", "alpaca", "sharegpt", "messages"),
+                   help="record format; auto = detected per file")
     g.add_argument("--prompt_template", default=None,
                    help="template name or .json path (default: the adapter's recorded one, else auto)")
     g.add_argument("--cutoff_len", type=int, default=None,
@@ -37,7 +40,7 @@ def main(args):
     if args.batch_size < 1 or (args.cutoff_len is not None and args.cutoff_len < 1) or args.max_records < 0:
         raise UserError("--batch_size and --cutoff_len must be >= 1, --max_records >= 0")
     # ---- data first: a bad file fails before any model loads ----
-    records = D.load_dataset(args.data_path)
+    records, _ = D.load_dataset(args.data_path, args.data_format)
     if args.max_records:
         records = records[:args.max_records]
     adapter_dir = resolve_adapter_dir(args.lora_model) if args.lora_model else None
@@ -56,14 +59,13 @@ def main(args):
                                         trust_remote_code=args.trust_remote_code, tokenizer_path=adapter_dir)
     template = load_template(args.prompt_template or meta.get("prompt_template") or "auto", tokenizer)
     cutoff = args.cutoff_len or meta.get("cutoff_len") or 512
-    examples = D.tokenize_records(records, tokenizer=tokenizer, template=template, cutoff_len=cutoff,
-                                  train_on_inputs=False)
+    examples = D.tokenize_records(records, tokenizer, template, cutoff, train_on_inputs=False)
 
     # ---- evaluate ----
     result = perplexity(model, examples, tokenizer.pad_token_id, args.batch_size,
                         progress=lambda batches: tqdm(batches, desc="perplexity", unit="batch"))
     result.update(model=model_spec, lora_model=adapter_dir, bits=bits, template=template.name, cutoff_len=cutoff,
-                  data_path=os.path.abspath(args.data_path))
+                  data_path=[os.path.abspath(p) for p in args.data_path])
     print(f"{model_spec}{' + ' + adapter_dir if adapter_dir else ''} ({bits}-bit on {info['where']}): "
           f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f} over {result['tokens']} answer "
           f"tokens in {result['examples']} examples")

@@ -118,6 +118,31 @@ def test_validate_args_lists_every_bad_flag_in_one_message(tmp_path):
     assert "\n" not in message
 
 
+def test_data_path_takes_several_files_spaces_or_commas(tmp_path):
+    a, b, c = (tmp_path / n for n in ("a.json", "b.jsonl", "c,d.json"))  # a name may hold a comma
+    for path in (a, b, c):
+        path.write_text("[]")
+    args = ft_args(tmp_path, "--data_path", f"{a},{b}", str(c))
+    finetune.validate_args(args)
+    assert args.data_path == [str(a), str(b), str(c)]
+    assert (args.data_format, args.overlong) == ("auto", "truncate")
+    args = ft_args(tmp_path, "--data_path", f"{a}, {tmp_path / 'x.json'}", str(tmp_path / "y.parquet"))
+    with pytest.raises(UserError) as e:
+        finetune.validate_args(args)
+    assert str(e.value) == (f"--data_path: file not found: {tmp_path / 'x.json'}; "
+                            f"--data_path: file not found: {tmp_path / 'y.parquet'}")
+
+
+@pytest.mark.parametrize("flag,good,bad", [("--data_format", ["alpaca", "sharegpt", "messages", "auto"], "openai"),
+                                           ("--overlong", ["truncate", "drop"], "cut")])
+def test_data_choice_flags(flag, good, bad, capsys):
+    for value in good:
+        assert getattr(finetune.parse_args([flag, value]), flag[2:]) == value
+    with pytest.raises(SystemExit) as e:
+        finetune.parse_args([flag, bad])
+    assert e.value.code == 2 and f"invalid choice: '{bad}'" in capsys.readouterr().err
+
+
 def test_max_steps_replaces_epochs(tmp_path):
     finetune.validate_args(ft_args(tmp_path, "--num_train_epochs", "0", "--max_steps", "5"))
 

@@ -16,7 +16,7 @@ from utils.data import load_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = 20261127
-BYTE_CASES = 1200  # byte-level mutations
+BYTE_CASES = 1800  # byte-level mutations, over 3 formats x 2 file kinds
 JSON_CASES = 800  # structure-aware mutations
 
 VALID = [
@@ -24,6 +24,19 @@ VALID = [
     {"instruction": "Name a prime number.", "input": "", "output": "7"},
     {"instruction": "继续对话", "output": "好的。", "history": [["你好", "你好！"], ["你是谁？", "一个助手。"]]},
 ]
+
+SHAREGPT = [
+    {"conversations": [{"from": "system", "value": "你是一个助手。"}, {"from": "human", "value": "你好"},
+                       {"from": "gpt", "value": "你好！"}, {"from": "human", "value": "1+1?"},
+                       {"from": "gpt", "value": "2"}]},
+    {"conversations": [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Blue."}]},
+]
+MESSAGES = [
+    {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "天空是什么颜色？"},
+                  {"role": "assistant", "content": "蓝色。"}]},
+]
+SEEDS = {"alpaca": VALID, "sharegpt": SHAREGPT, "messages": MESSAGES}
 
 # Values a hostile or broken file may put anywhere.
 ODD_VALUES = [None, "", " ", 0, -1, 1.5, float("nan"), True, [], {}, [[]], ["a"], [["q"]], [["q", 1]],
@@ -33,18 +46,18 @@ ODD_VALUES = [None, "", " ", 0, -1, 1.5, float("nan"), True, [], {}, [[]], ["a"]
 def _check_outcome(path, tokenizer=None):
     """Load `path`; return 'ok' or 'error'. Fails the test on anything but a clean one-line UserError."""
     try:
-        records = load_dataset(path, log=lambda *a: None)
+        records, _ = load_dataset(path, log=lambda *a: None)
     except UserError as e:
         message = str(e)
         assert "\n" not in message, f"multi-line error: {message!r}"
         assert path in message, f"error does not name the file: {message!r}"
         return "error"
-    assert records and all(isinstance(r["output"], str) for r in records)
+    assert records and all(isinstance(m["content"], str) for messages in records for m in messages)
     if tokenizer is not None:
         from utils.data import tokenize_records
         from utils.prompts import load_template
-        examples = tokenize_records(records, tokenizer=tokenizer, template=load_template("alpaca", tokenizer),
-                                    cutoff_len=256, train_on_inputs=False, log=lambda *a: None)
+        examples = tokenize_records(records, tokenizer, load_template("alpaca", tokenizer), 256,
+                                    log=lambda *a: None)
         assert examples and all(len(e["input_ids"]) <= 256 for e in examples)
     return "ok"
 
@@ -139,20 +152,69 @@ def test_fixed_corpus_of_bad_files(tmp_path, tiny_tokenizer):
     assert {n for n, o in outcomes.items() if o == "ok"} == {"crlf.jsonl", "duplicates.json"}, outcomes
 
 
+@pytest.mark.parametrize("fmt", list(SEEDS))
 @pytest.mark.parametrize("suffix", [".json", ".jsonl"])
-def test_random_byte_mutations_never_crash(tmp_path, tiny_tokenizer, suffix):
-    rng = random.Random(SEED + len(suffix))
-    seed_file = (json.dumps(VALID, ensure_ascii=False, indent=1) if suffix == ".json"
-                 else "\n".join(json.dumps(r, ensure_ascii=False) for r in VALID)).encode("utf-8")
+def test_random_byte_mutations_never_crash(tmp_path, tiny_tokenizer, fmt, suffix):
+    rng = random.Random(f"{SEED}{fmt}{suffix}")
+    seed_file = (json.dumps(SEEDS[fmt], ensure_ascii=False, indent=1) if suffix == ".json"
+                 else "\n".join(json.dumps(r, ensure_ascii=False) for r in SEEDS[fmt])).encode("utf-8")
     seen = {"ok": 0, "error": 0}
-    for case in range(BYTE_CASES // 2):
+    for case in range(BYTE_CASES // 6):
         path = _write(tmp_path, f"case{suffix}", _byte_mutation(rng, seed_file))
         try:
             seen[_check_outcome(path, tiny_tokenizer if case % 20 == 0 else None)] += 1
         except Exception as e:  # report the reproducer, then fail
-            raise AssertionError(f"case {case} (seed {SEED}, {suffix}): {type(e).__name__}: {e}") from e
-    print(f"byte mutations {suffix}: {seen}")
+            raise AssertionError(f"case {case} ({fmt}{suffix}, seed {SEED}): {type(e).__name__}: {e}") from e
+    print(f"byte mutations {fmt}{suffix}: {seen}")
     assert seen["ok"] > 0 and seen["error"] > 0, seen  # the mutations reach both outcomes
+
+
+def _turn_mutation(rng, records):
+    """Structural edits of conversation records: roles, contents, turns, the list itself."""
+    records = json.loads(json.dumps(records))
+    rec = rng.choice(records)
+    key = "conversations" if "conversations" in rec else "messages"
+    role_key, text_key = ("from", "value") if key == "conversations" else ("role", "content")
+    turns = rec[key] if isinstance(rec.get(key), list) else []
+    dict_turns = [t for t in turns if isinstance(t, dict)]
+    op = rng.choice(("role", "text", "drop_turn", "dup_turn", "turns", "turn", "mix", "keys"))
+    if op == "role" and dict_turns:
+        rng.choice(dict_turns)[role_key] = rng.choice(["Human", "bot", "", None, 3, "tool", "assistant", "gpt",
+                                                  "human", "user", "system"])
+    elif op == "text" and dict_turns:
+        rng.choice(dict_turns)[text_key] = rng.choice(ODD_VALUES)
+    elif op == "drop_turn" and turns:
+        turns.pop(rng.randrange(len(turns)))
+    elif op == "dup_turn" and turns:
+        i = rng.randrange(len(turns))
+        turns.insert(i, json.loads(json.dumps(turns[i])))
+    elif op == "turns":
+        rec[key] = rng.choice(ODD_VALUES)
+    elif op == "turn" and turns:
+        turns[rng.randrange(len(turns))] = rng.choice(ODD_VALUES)
+    elif op == "mix":
+        rec["instruction"] = "x"
+    elif op == "keys" and dict_turns:
+        rng.choice(dict_turns).pop(rng.choice([role_key, text_key]), None)
+    return records
+
+
+def test_random_conversation_mutations_never_crash(tmp_path, tiny_tokenizer):
+    rng = random.Random(SEED + 1)
+    seen = {"ok": 0, "error": 0}
+    for case in range(JSON_CASES // 2):
+        records = SEEDS[rng.choice(["sharegpt", "messages"])]
+        for _ in range(rng.randint(1, 3)):
+            records = _turn_mutation(rng, records)
+        jsonl = rng.random() < 0.3
+        content = "\n".join(_dumps(r, rng) for r in records) if jsonl else _dumps(records, rng)
+        path = _write(tmp_path, "case.jsonl" if jsonl else "case.json", content.encode("utf-8", "surrogatepass"))
+        try:
+            seen[_check_outcome(path, tiny_tokenizer if case % 10 == 0 else None)] += 1
+        except Exception as e:
+            raise AssertionError(f"case {case} (seed {SEED + 1}): {type(e).__name__}: {e}") from e
+    print(f"conversation mutations: {seen}")
+    assert seen["ok"] > 0 and seen["error"] > 0, seen
 
 
 def test_random_structural_mutations_never_crash(tmp_path, tiny_tokenizer):

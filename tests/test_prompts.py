@@ -1,11 +1,12 @@
 """Exact strings and exact ids for prompt templates and loss masks (utils/prompts.py, build_chat_prompt).
 
 Tokenizers used: the bundled SmolLM2 (byte-level BPE with a ChatML chat template, pad != eos) and a tiny
-LLaMA-style SentencePiece model trained inside the test (BOS added by the tokenizer, no pad token).
+LLaMA-style SentencePiece model trained on the sample data (conftest.py: BOS added by the tokenizer, no pad
+token, byte fallback).
 """
 
 import json
-import random
+import shutil
 
 import pytest
 
@@ -309,33 +310,6 @@ def test_alpaca_generation_prompt_is_prefix_of_training_ids(smol, alpaca):
 # A LLaMA-style SentencePiece tokenizer: BOS added by the tokenizer, no pad token
 # ---------------------------------------------------------------------------------------------------------
 
-def _train_sentencepiece(folder, add_eos_token=False):
-    import sentencepiece as spm
-    rng = random.Random(0)
-    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "model", "train", "answer", "question",
-             "data", "token", "llama", "alpaca", "instruction", "response", "input", "output", "hello", "world",
-             "below", "is", "an", "that", "describes", "task", "write"]
-    lines = [" ".join(rng.choice(words) for _ in range(8)) for _ in range(300)]
-    lines += ["### Instruction:", "### Input:", "### Response:", "Below is an instruction. Write a response!"] * 5
-    corpus = folder / "corpus.txt"
-    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    # LLaMA's trainer settings: byte fallback, no normalisation, whitespace kept, digits split
-    spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=320, model_type="bpe",
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, split_digits=True, character_coverage=1.0, num_threads=1,
-        minloglevel=2)
-    (folder / "tokenizer.vocab").unlink()
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": add_eos_token}))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def llama_sp_dir(tmp_path_factory):
-    return _train_sentencepiece(tmp_path_factory.mktemp("llama_sp"))
-
-
 @pytest.fixture(scope="module")
 def llama_sp(llama_sp_dir):
     from utils.modeling import load_tokenizer
@@ -355,7 +329,7 @@ def test_llama_sp_pad_policy_gives_pad_not_eos(llama_sp):
     assert llama_sp.pad_token_id != llama_sp.eos_token_id
     assert llama_sp.pad_token == "<unk>"
     assert llama_sp.padding_side == "right"
-    assert len(llama_sp) == 320  # no token was added, so no embedding resize is needed
+    assert len(llama_sp) == 1000  # no token was added, so no embedding resize is needed
 
 
 def test_llama_sp_encoding_one_bos_first_eos_after_answer(llama_sp):
@@ -397,14 +371,146 @@ def test_llama_sp_train_on_inputs_keeps_bos_in_labels(llama_sp):
     assert labels == ids and ids[0] == llama_sp.bos_token_id
 
 
-def test_llama_sp_with_add_eos_token_still_gets_bos(tmp_path):
+def test_llama_sp_with_add_eos_token_still_gets_bos(llama_sp_dir, tmp_path):
     from utils.modeling import load_tokenizer
-    tok = load_tokenizer(str(_train_sentencepiece(tmp_path, add_eos_token=True)))
+    shutil.copy(llama_sp_dir / "tokenizer.model", tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": True}))
+    tok = load_tokenizer(str(tmp_path))
     assert tok("hello")["input_ids"][0] == tok.bos_token_id  # the tokenizer does add BOS
     ids, _ = encode_conversation(tok, load_template("alpaca"),
                                  record_to_messages({"instruction": "hello", "output": "world"}))
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
     assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every template, multi-turn with a system prompt, on both tokenizers: exact text, exact targets, and the chat
+# prompt (history_to_messages, as cli_demo.py and gradio_ui.py build it) is the training ids up to the answer
+# ---------------------------------------------------------------------------------------------------------
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1"},
+                {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"},
+                {"role": "assistant", "content": "A2"}]
+# {bos} / {eos} stand for the tokenizer's own special tokens (<s> / </s>, or SmolLM2's <|im_start|> / <|im_end|>);
+# the tokenizer's own leading BOS (LLaMA's) is not part of the rendered text
+EXPECTED = {  # template -> (full text, target texts)
+    "alpaca": ("Be brief.\n\n### Instruction:\nQ1\n\n### Response:\nA1{eos}\n\n"
+               "### Instruction:\nQ2\n\n### Response:\nA2{eos}", ["A1{eos}", "A2{eos}"]),
+    "chat": ("Be brief.\n\nUser:Q1\n\nAssistant:A1{eos}\n\nUser:Q2\n\nAssistant:A2{eos}", ["A1{eos}", "A2{eos}"]),
+    "chatml": ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\n"
+               "A1{eos}\n<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\nA2{eos}", ["A1{eos}", "A2{eos}"]),
+    "llama2": ("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nQ1 [/INST] A1{eos}{bos}[INST] Q2 [/INST] A2{eos}",
+               [" A1{eos}", " A2{eos}"]),
+    "llama3": ("<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+               "<|start_header_id|>user<|end_header_id|>\n\nQ1<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\nA1{eos}"
+               "<|start_header_id|>user<|end_header_id|>\n\nQ2<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\nA2{eos}", ["A1{eos}", "A2{eos}"]),
+    # SmolLM2's own chat template (tokenizer only): its end-of-turn is EOS, and the newline after it is a target
+    "tokenizer": ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n"
+                  "<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n"
+                  "<|im_start|>assistant\nA2<|im_end|>\n", ["A1<|im_end|>\n", "A2<|im_end|>\n"]),
+}
+CASES = [(name, tok) for name in EXPECTED for tok in ("smol", "llama_sp") if (name, tok) != ("tokenizer", "llama_sp")]
+
+
+def fill_special(text, tok):
+    return text.replace("{bos}", tok.bos_token).replace("{eos}", tok.eos_token)
+
+
+def full_text(template, messages, tok):
+    """The rendered conversation as the model sees it: each answer's EOS included, the leading BOS not."""
+    return "".join(text + (tok.eos_token if eos_after else "")
+                   for text, _, eos_after in render_segments(template, messages, tok))
+
+
+@pytest.mark.parametrize("name,tok_name", CASES)
+def test_every_template_exact_text_and_mask(request, name, tok_name):
+    tok = request.getfixturevalue(tok_name)
+    template = load_template(name, tok)
+    text, answers = EXPECTED[name]
+    assert full_text(template, CONVERSATION, tok) == fill_special(text, tok)
+    ids, labels = encode_conversation(tok, template, CONVERSATION)
+    prefix = [tok.bos_token_id] if tok_name == "llama_sp" else []  # LLaMA's tokenizer adds BOS, SmolLM2's does not
+    whole = prefix + enc(tok, fill_special(text, tok))  # one BOS, then the whole text in one tokenization
+    if (name, tok_name) == ("llama3", "smol"):  # see test_context_before_an_answer_is_tokenized_as_a_prompt
+        assert tok.decode(ids) == fill_special(text, tok) and len(ids) == len(whole) - 2
+    else:
+        assert ids == whole
+    runs = target_runs(labels)
+    assert [labels[a:b] for a, b in runs] == [ids[a:b] for a, b in runs]
+    decoded = [tok.decode(ids[a:b]) for a, b in runs]
+    if tok_name == "llama_sp":  # SentencePiece drops a word-start space when decoding from the first token
+        assert decoded == [fill_special(answer, tok).lstrip(" ") for answer in answers]
+        first_pieces = [tok.convert_ids_to_tokens(ids[a]) for a, _ in runs]
+        assert all(piece.startswith("\u2581") == answers[0].startswith(" ") for piece in first_pieces), first_pieces
+    else:
+        assert decoded == [fill_special(answer, tok) for answer in answers]
+    assert all(ids[b - 1] == tok.eos_token_id or (name == "tokenizer" and ids[b - 2] == tok.eos_token_id)
+               for _, b in runs)
+
+    # the chat scripts' prompt for the same history is exactly the training ids before the last answer
+    prompt, _ = encode_conversation(tok, template, history_to_messages([("Q1", "A1")], "Q2", system="Be brief."),
+                                    add_generation_prompt=True)
+    assert prompt == ids[:runs[-1][0]]
+    assert build_chat_prompt(tok, template, [("Q1", "A1")], "Q2", 10_000, system="Be brief.") == (prompt, 1)
+
+
+def test_context_before_an_answer_is_tokenized_as_a_prompt(smol):
+    """GPT-2-style BPE reads "\n\n" followed by text as two tokens, but a text ending in "\n\n" (the llama3
+    template's chat prompt) as one. Training must show the model the prompt it will get in chat: the ids before
+    each answer are those of the text up to the answer, not of the whole conversation."""
+    nl, nlnl = enc(smol, "\n"), enc(smol, "\n\n")
+    assert len(nl) == len(nlnl) == 1 and enc(smol, "\n\nA1") == nl + nl + enc(smol, "A1")
+    ids, labels = encode_conversation(smol, load_template("llama3"), CONVERSATION)
+    runs = target_runs(labels)
+    assert [ids[a - 1] for a, _ in runs] == nlnl * 2  # the prompt's end, as in chat
+    assert [smol.decode(ids[a:b]) for a, b in runs] == ["A1<|im_end|>", "A2<|im_end|>"]
+
+
+INPUT_RECORD = {"instruction": "Translate.", "input": "Bonjour", "output": "Hello"}
+EXPECTED_WITH_INPUT = {  # no system text given: the template's default, if it has one
+    "chat": ("The following is a conversation between an AI assistant called Assistant and a human user called User. "
+             "The assistant is intelligent, knowledgeable and polite to answer questions of user.\n\n"
+             "User:Translate.\nBonjour\n\nAssistant:Hello{eos}"),
+    "chatml": "<|im_start|>user\nTranslate.\n\nBonjour<|im_end|>\n<|im_start|>assistant\nHello{eos}",
+    "llama2": "[INST] Translate.\n\nBonjour [/INST] Hello{eos}",
+    "llama3": ("<|start_header_id|>user<|end_header_id|>\n\nTranslate.\n\nBonjour<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\nHello{eos}"),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_WITH_INPUT))
+def test_named_templates_with_input_and_no_system(llama_sp, name):
+    template = load_template(name)
+    text = full_text(template, record_to_messages(INPUT_RECORD), llama_sp)
+    assert text == fill_special(EXPECTED_WITH_INPUT[name], llama_sp)
+
+
+def test_llama2_system_goes_inside_the_first_instruction_only(llama_sp):
+    messages = history_to_messages([("Q1", "A1"), ("Q2", "A2")], "Q3", system="S {input} {bos}")
+    text = full_text(load_template("llama2"), messages, llama_sp)
+    assert text == ("[INST] <<SYS>>\nS {input} {bos}\n<</SYS>>\n\nQ1 [/INST] A1</s><s>[INST] Q2 [/INST] A2</s>"
+                    "<s>[INST] Q3 [/INST]")  # braces in the system text stay literal
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"system_in_user": "yes"}, "'system_in_user' must be true or false"),
+    ({"answer_prefix": 1}, "'answer_prefix' must be a string"),
+])
+def test_template_flag_and_prefix_types(tmp_path, bad, message):
+    with pytest.raises(UserError, match=message):
+        load_template(write_template(tmp_path, dict(GOOD, **bad)))
+
+
+def test_template_record_round_trip_keeps_new_keys(llama_sp):
+    from utils.prompts import template_record
+    for name in ("chatml", "llama2", "llama3"):
+        template = load_template(name)
+        again = load_template(json.loads(json.dumps(template_record(template))), llama_sp)
+        assert (again.name, again.data) == (name, template.data)
+        assert full_text(again, CONVERSATION, llama_sp) == full_text(template, CONVERSATION, llama_sp)
 
 
 # ---------------------------------------------------------------------------------------------------------

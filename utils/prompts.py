@@ -16,8 +16,9 @@ from utils.args import UserError
 TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 TOKENIZER_TEMPLATE = "tokenizer"
 IGNORE_INDEX = -100
-_KEYS = {"description", "system", "system_input", "system_format", "prompt_no_input", "prompt_input",
-         "turn_separator"}
+_KEYS = {"description", "system", "system_input", "system_format", "system_in_user", "prompt_no_input",
+         "prompt_input", "answer_prefix", "turn_separator"}
+_FLAGS = {"system_in_user"}  # booleans; every other key is a string
 
 
 @dataclass
@@ -38,8 +39,10 @@ def validate_template(data, where):
     if not isinstance(data, dict):
         raise UserError(f"template {where}: expected a JSON object")
     problems = [f"unknown key '{k}'" for k in data if k not in _KEYS]
-    for key in _KEYS & data.keys():
-        if not isinstance(data[key], str):
+    for key in sorted(_KEYS & data.keys()):
+        if key in _FLAGS and not isinstance(data[key], bool):
+            problems.append(f"'{key}' must be true or false")
+        elif key not in _FLAGS and not isinstance(data[key], str):
             problems.append(f"'{key}' must be a string")
     for key, needed in (("prompt_no_input", ["{instruction}"]), ("prompt_input", ["{instruction}", "{input}"])):
         if key not in data:
@@ -114,6 +117,8 @@ def render_segments(template, messages, tokenizer=None, add_generation_prompt=Fa
     if template.uses_tokenizer:
         return _render_with_tokenizer(tokenizer, messages, add_generation_prompt)
     t = template.data
+    # {bos} / {eos} in a template are the tokenizer's own special-token texts (empty without a tokenizer)
+    special = {"bos": getattr(tokenizer, "bos_token", None) or "", "eos": getattr(tokenizer, "eos_token", None) or ""}
     segments = []
     turns = list(messages)
     system = None
@@ -122,17 +127,22 @@ def render_segments(template, messages, tokenizer=None, add_generation_prompt=Fa
     if system is None:
         first_user = next((m for m in turns if m["role"] == "user"), {})
         system = t.get("system_input", t.get("system", "")) if first_user.get("input") else t.get("system", "")
-    if system:
-        segments.append((_fill(t.get("system_format", "{system}\n\n"), {"system": system}), False, False))
+    system_text = _fill(t.get("system_format", "{system}\n\n"), dict(special, system=system)) if system else ""
+    if system_text and not t.get("system_in_user"):
+        segments.append((system_text, False, False))
     for i, m in enumerate(turns):
         if m["role"] == "user":
-            values = {"instruction": m["content"], "input": m.get("input") or ""}
+            instruction = m["content"]
+            if system_text and t.get("system_in_user"):  # Llama-2: <<SYS>> opens the first instruction
+                instruction, system_text = system_text + instruction, ""
+            values = dict(special, instruction=instruction, input=m.get("input") or "")
             text = _fill(t["prompt_input" if values["input"] else "prompt_no_input"], values)
             segments.append((text, False, False))
         elif m["role"] == "assistant":
-            segments.append((m["content"], True, True))
+            # the answer prefix is in the loss: a word-start space belongs to the answer's first token
+            segments.append((_fill(t.get("answer_prefix", ""), special) + m["content"], True, True))
             if i + 1 < len(turns) and t.get("turn_separator"):
-                segments.append((t["turn_separator"], False, False))
+                segments.append((_fill(t["turn_separator"], special), False, False))
         else:
             raise ValueError(f"unexpected role {m['role']!r}")
     return segments
@@ -186,22 +196,38 @@ def _special_prefix(tokenizer):
 
 
 def _tokenize_segments(tokenizer, segments):
-    """[(ids, is_target)] for the segments. The joined text is tokenized in one call and tokens are assigned
-    to segments by character offsets, so a SentencePiece tokenizer does not add its word-start space to
-    every piece; tokenizers without offsets (slow ones) fall back to one call per segment."""
+    """[(ids, is_target)] for the segments.
+
+    The text is tokenized whole and tokens are assigned to segments by character offsets, so a SentencePiece
+    tokenizer does not add its word-start space to every piece. The context before each answer, though, comes
+    from a tokenization that ends where the answer starts, as the chat prompt for that answer does: a BPE
+    tokenizer may split the end of a prompt differently when text follows (GPT-2-style BPE reads "\n\n" + "Hi"
+    as "\n", "\n", "Hi" but a prompt ending in "\n\n" as one token), and the model must learn to answer the
+    prompt it will be given. Tokenizers without offsets (slow ones) fall back to one call per segment."""
     texts = [text + (tokenizer.eos_token if eos_after else "") for text, _, eos_after in segments]
-    try:
-        enc = tokenizer("".join(texts), add_special_tokens=False, return_offsets_mapping=True)
-    except (NotImplementedError, TypeError, ValueError):
-        return [(tokenizer(t, add_special_tokens=False)["input_ids"], target)
-                for t, (_, target, _) in zip(texts, segments)]
     bounds, end = [], 0
     for t in texts:
         end += len(t)
         bounds.append(end)
+    full = "".join(texts)
+    answer_starts = {bounds[k - 1] for k, (_, is_target, _) in enumerate(segments) if is_target and k > 0}
+    try:
+        tokens, done = [], 0
+        for cut in sorted(answer_starts | {len(full)}):
+            enc = tokenizer(full[:cut], add_special_tokens=False, return_offsets_mapping=True)
+            spans = list(zip(enc["input_ids"], enc["offset_mapping"]))
+            if any(s < done < e for _, (s, e) in spans):  # a token spans an answer's start: no clean cut
+                enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+                tokens = list(zip(enc["input_ids"], enc["offset_mapping"]))
+                break
+            tokens += [(i, (s, e)) for i, (s, e) in spans if s >= done]
+            done = cut
+    except (NotImplementedError, TypeError, ValueError):
+        return [(tokenizer(t, add_special_tokens=False)["input_ids"], target)
+                for t, (_, target, _) in zip(texts, segments)]
     pieces = [([], seg[1]) for seg in segments]
     k = 0
-    for token_id, (start, _) in zip(enc["input_ids"], enc["offset_mapping"]):
+    for token_id, (start, _) in tokens:  # each token goes to the segment its first character is in
         while k < len(bounds) - 1 and start >= bounds[k]:
             k += 1
         pieces[k][0].append(token_id)
