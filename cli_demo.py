@@ -4,6 +4,9 @@
     python cli_demo.py --model_path models/smollm2-135m-merged
     python cli_demo.py --lora_model output/checkpoint-final --stream
     echo "What is QLoRA?" | python cli_demo.py --temperature 0   # scripted: one line per question
+
+A message longer than --max_input_tokens is refused, and the oldest turns are dropped when the conversation no
+longer fits the context (the same rules as the web UI, in utils/chat.py).
 """
 
 import argparse
@@ -24,6 +27,7 @@ def parse_args(argv=None):
 
 def main(args):
     from utils.chat import load_chat_model
+    from utils.generation import PromptTooLong, ReplyOutOfMemory
     chat = load_chat_model(args, log=lambda msg: print(msg, file=sys.stderr))
     interactive = sys.stdin.isatty()
     if interactive:
@@ -54,7 +58,7 @@ def main(args):
                 reply.append(delta)
                 if args.stream:
                     print(delta, end="", flush=True)
-        except ValueError as e:  # the message alone does not fit the context
+        except (PromptTooLong, ReplyOutOfMemory) as e:  # this message fails; the conversation goes on
             print(f"\n(error: {e})", file=sys.stderr)
             continue
         except KeyboardInterrupt:  # stop this reply, keep the session

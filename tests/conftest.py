@@ -158,3 +158,34 @@ def tiny_tokenizer():
     """The bundled SmolLM2 tokenizer (BPE, with a chat template), as the scripts load it."""
     from utils.modeling import load_tokenizer, resolve_model_path
     return load_tokenizer(resolve_model_path("smollm2-135m"))
+
+@pytest.fixture
+def inject_out_of_memory(monkeypatch):
+    """inject(model, tokenizer, trigger): make `model.generate` raise torch.OutOfMemoryError in its third
+    forward pass when the prompt contains `trigger` (as when a reply's KV cache outgrows the GPU), and work as
+    before otherwise. Returns a list that gets one entry per error raised."""
+
+    def inject(model, tokenizer, trigger, after_steps=2):
+        real_generate, raised = model.generate, []
+
+        def generate(*args, input_ids, **kwargs):
+            if trigger not in tokenizer.decode(input_ids[0]):
+                return real_generate(*args, input_ids=input_ids, **kwargs)
+            steps = []
+
+            def explode(*_):
+                steps.append(1)
+                if len(steps) > after_steps:
+                    raised.append(1)
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+
+            hook = model.register_forward_hook(explode)
+            try:
+                return real_generate(*args, input_ids=input_ids, **kwargs)
+            finally:
+                hook.remove()
+
+        monkeypatch.setattr(model, "generate", generate)
+        return raised
+
+    return inject

@@ -17,6 +17,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 MAX_NEW_TOKENS = 400
 STEP_SECONDS = 0.025  # each forward pass is slowed to this, so a full reply takes >= 10 s: Stop is observable
 FAIL_QUERY = "please fail"  # RecordingChat raises inside the stream for this query
+OOM_QUERY = "please run out of memory"
 
 
 class RecordingChat:
@@ -234,6 +235,34 @@ def test_a_failing_reply_reaches_its_user_and_the_server_goes_on(server):
     assert message_text(messages[2]) == "still there?" and message_text(messages[3])
 
 
+def test_out_of_memory_in_one_reply_reaches_its_user_and_the_server_goes_on(server, inject_out_of_memory,
+                                                                           monkeypatch):
+    import torch
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+    url, chat = server
+    raised = inject_out_of_memory(chat.model, chat.tokenizer, OOM_QUERY)
+    client = Client(url, verbose=False)
+    earlier = [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+               {"role": "assistant", "content": [{"type": "text", "text": "hello!"}]}]
+    emptied = []
+    with monkeypatch.context() as cuda:  # as on a GPU machine, to see that the CUDA cache is emptied
+        cuda.setattr(torch.cuda, "is_available", lambda: True)
+        cuda.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+        job = client.submit(OOM_QUERY, earlier, 20, 0, 0.9, 40, 1.0, api_name="/chat")
+        with pytest.raises(AppError, match="^out of memory while generating this reply; try a shorter"):
+            job.result()
+    assert raised == [1] and emptied == [1]
+    messages, textbox = job.outputs()[-1]  # the failed turn is dropped and the message given back
+    assert [(m["role"], message_text(m)) for m in messages] == [("user", "hi"), ("assistant", "hello!")]
+    assert textbox == OOM_QUERY
+    assert wait_for(lambda: not generation_threads(), timeout=5)
+
+    messages, textbox = client.predict("still there?", earlier, 6, 0, 0.9, 40, 1.0, api_name="/chat")
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 2 and textbox == ""
+    assert message_text(messages[2]) == "still there?" and message_text(messages[3])
+
+
 def test_parse_args_defaults_and_booleans():
     args = gradio_ui.parse_args([])
     assert (args.host, args.port, args.share, args.concurrency_limit, args.max_queue) == ("127.0.0.1", 7860,
@@ -253,3 +282,93 @@ def test_main_rejects_bad_ui_flags_before_loading(monkeypatch):
     monkeypatch.setattr("utils.chat.load_chat_model", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(UserError, match="--concurrency_limit.*--max_queue"):
         gradio_ui.main(gradio_ui.parse_args(["--concurrency_limit", "0", "--max_queue", "0"]))
+
+
+@pytest.mark.parametrize("flag, env, expected", [
+    (None, None, None),
+    (None, "", None),  # an empty variable is no login
+    (None, "alice:s3cret", ("alice", "s3cret")),
+    ("bob:pass:with:colons", None, ("bob", "pass:with:colons")),
+    ("bob:flag", "alice:env", ("bob", "flag")),  # the flag wins
+    (" carol :p w", None, ("carol", "p w")),  # the login form strips the user name, never the password
+])
+def test_auth_from_flag_or_environment(flag, env, expected):
+    args = gradio_ui.parse_args([] if flag is None else ["--auth", flag])
+    assert gradio_ui.resolve_auth(args, {} if env is None else {gradio_ui.AUTH_ENV: env}) == expected
+
+
+@pytest.mark.parametrize("flag, env, source", [
+    ("nocolon", None, "--auth"), (":password", None, "--auth"), ("user:", None, "--auth"), ("", None, "--auth"),
+    (None, "alice", "LLAMA_QLORA_AUTH"), (None, "  :secret", "LLAMA_QLORA_AUTH"),
+])
+def test_malformed_auth_is_refused_without_showing_it(flag, env, source):
+    from utils.args import UserError
+    args = gradio_ui.parse_args([] if flag is None else ["--auth", flag])
+    with pytest.raises(UserError, match=f"^{source} must be USER:PASSWORD with a non-empty user and password$"):
+        gradio_ui.resolve_auth(args, {} if env is None else {gradio_ui.AUTH_ENV: env})
+
+
+def test_malformed_auth_stops_the_script_before_loading(tiny_llama_dir):
+    import subprocess
+    import sys
+    env = dict(os.environ, LLAMA_QLORA_AUTH="secret-without-colon")
+    r = subprocess.run([sys.executable, "gradio_ui.py", "--model_path", tiny_llama_dir, "--port", "99999"],
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == ("error: --port must be in 0..65535, got 99999; LLAMA_QLORA_AUTH must be USER:PASSWORD "
+                        "with a non-empty user and password\n")
+
+
+@pytest.mark.parametrize("argv, env, warned", [
+    ([], {}, None),
+    (["--host", "localhost"], {}, None),
+    (["--host", "::1"], {}, None),
+    (["--host", "0.0.0.0"], {}, "--host 0.0.0.0"),
+    (["--host", "my-server.example"], {}, "--host my-server.example"),
+    (["--share"], {}, "--share"),
+    (["--host", "0.0.0.0", "--share"], {}, "--host 0.0.0.0 and --share"),
+    (["--host", "0.0.0.0", "--share"], {"LLAMA_QLORA_AUTH": "a:b"}, None),
+])
+def test_exposed_without_login_warns_in_one_line(argv, env, warned, capsys):
+    auth = gradio_ui.check_ui_args(gradio_ui.parse_args(argv), env)
+    lines = capsys.readouterr().err.splitlines()
+    warnings = [line for line in lines if line.startswith("warning:")]
+    if warned is None:
+        assert warnings == []
+    else:
+        assert warnings == [f"warning: {warned} without a login: anyone who can reach it can use the model; "
+                            "set LLAMA_QLORA_AUTH=user:password"]
+    assert (auth is not None) == bool(env)
+    if auth:
+        assert lines == ["login: required, user 'a' (from $LLAMA_QLORA_AUTH)"]
+
+
+def test_history_from_a_client_is_validated():
+    def text(t):
+        return [{"type": "text", "text": t}]
+    sent = [
+        {"role": "assistant", "content": text("an answer before any question: dropped")},
+        {"role": "user", "content": text("q1")},
+        {"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "file", "file": {"path": "x"}},
+                                          {"type": "text", "text": "1"}, "!", 7, {"text": None}]},
+        {"role": "system", "content": text("ignored")},
+        "not a message", None, 3, {"content": text("no role")}, {"role": "user"},  # the last: an empty question
+        {"role": "user", "content": "plain string content"},
+    ]
+    assert gradio_ui.to_history(sent) == [("q1", "a1!"), ("", ""), ("plain string content", "")]
+    for junk in (None, "text", 5, {"role": "user"}, [[["deep"]]]):
+        assert gradio_ui.to_history(junk) == []
+
+
+def test_settings_from_a_client_are_clamped_to_the_launch_limits():
+    args = gradio_ui.parse_args(["--max_new_tokens", "100", "--temperature", "0.7", "--top_k", "40", "--seed", "3"])
+    ok = gradio_ui.clamp_settings((50, 0.5, 0.9, 10, 1.2), args)
+    assert ok == dict(max_new_tokens=50, temperature=0.5, top_p=0.9, top_k=10, repetition_penalty=1.2, seed=3)
+    assert isinstance(ok["max_new_tokens"], int) and isinstance(ok["top_k"], int)
+    high = gradio_ui.clamp_settings((10**9, 1e9, 5, 10**9, 1e9), args)
+    assert high == dict(max_new_tokens=100, temperature=2.0, top_p=1.0, top_k=200, repetition_penalty=2.0, seed=3)
+    low = gradio_ui.clamp_settings((-5, -1, -1, -1, 0), args)
+    assert low == dict(max_new_tokens=1, temperature=0.0, top_p=0.01, top_k=0, repetition_penalty=0.5, seed=3)
+    junk = gradio_ui.clamp_settings(("lots", float("nan"), None, [1], float("inf")), args)
+    assert junk == dict(max_new_tokens=100, temperature=0.7, top_p=0.9, top_k=40, repetition_penalty=1.1, seed=3)

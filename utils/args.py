@@ -85,6 +85,10 @@ def add_generation_args(parser):
     g.add_argument("--max_history_tokens", type=int, default=None,
                    help="oldest turns are dropped so the prompt fits this many tokens "
                         "(default: context length minus --max_new_tokens)")
+    g.add_argument("--max_input_tokens", type=int, default=None,
+                   help="longest message accepted, in tokens; a longer one is refused with a message to its "
+                        "sender (default: the prompt budget, i.e. --max_history_tokens or context length minus "
+                        "--max_new_tokens)")
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: not fixed)")
     g.add_argument("--system", default=None, help="system text for the conversation (default: the template's)")
     return g
@@ -111,6 +115,9 @@ def check_generation_args(args):
         problems.append(f"--top_k must be >= 0, got {args.top_k}")
     if args.repetition_penalty <= 0:
         problems.append(f"--repetition_penalty must be > 0, got {args.repetition_penalty}")
+    for flag in ("max_history_tokens", "max_input_tokens"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            problems.append(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.num_gpus is not None and args.num_gpus < 0:
         problems.append(f"--num_gpus must be >= 0, got {args.num_gpus}")
     if problems:

@@ -5,8 +5,20 @@ history + query into a streamed reply."""
 import os
 from dataclasses import dataclass
 
+import torch
+
 from utils.args import BUNDLED_MODEL, UserError, check_generation_args, resolve_bits
-from utils.generation import build_chat_prompt, context_length, stream_reply
+from utils.generation import (
+    PromptTooLong,
+    ReplyOutOfMemory,
+    build_chat_prompt,
+    context_length,
+    empty_turn_tokens,
+    free_memory,
+    longest_token_chars,
+    plausible_turns,
+    stream_reply,
+)
 from utils.modeling import load_model, read_meta, resolve_adapter_dir
 from utils.prompts import load_template
 
@@ -16,20 +28,54 @@ class ChatModel:
     model: object
     tokenizer: object
     template: object
-    max_prompt_tokens: int
+    max_prompt_tokens: int  # the prompt's budget (--max_history_tokens, default: context minus --max_new_tokens)
+    max_input_tokens: int  # the longest message accepted (--max_input_tokens, at most the budget)
     description: str
+
+    def __post_init__(self):  # bounds that let a history be cut before it is tokenized (plausible_turns)
+        self.max_token_chars = longest_token_chars(self.tokenizer)
+        # halved: a margin for tokenizers that merge a turn's text with the template's text around it
+        self.min_turn_tokens = max(1, empty_turn_tokens(self.tokenizer, self.template) // 2)
+
+    def recent_turns(self, history):
+        """The newest turns of `history` that could still reach the model; older ones need not be kept."""
+        return plausible_turns(history, self.max_prompt_tokens, self.max_token_chars, self.min_turn_tokens)
+
+    def prompt_ids(self, history, query, max_new_tokens, system=None):
+        """Token ids of the prompt for `query` after `history` ([(user, assistant), ...]): the one place where
+        the CLI's and the web UI's input is limited. The message must fit --max_input_tokens; the oldest turns
+        are dropped until prompt + `max_new_tokens` fits the context (and --max_history_tokens).
+        Raises PromptTooLong with a message meant for the user."""
+        ctx = context_length(self.model, self.tokenizer)
+        budget = min(self.max_prompt_tokens, ctx - int(max_new_tokens))
+        if budget < 1:
+            raise PromptTooLong(f"max_new_tokens {max_new_tokens} leaves no room for the prompt in the "
+                                f"{ctx}-token context")
+        limit = min(self.max_input_tokens, budget)
+        if len(query) > 2 * limit * self.max_token_chars:  # surely too long: refused without tokenizing it
+            raise PromptTooLong(f"the message is {len(query)} characters long; the limit is {limit} tokens")
+        n = len(self.tokenizer(query, add_special_tokens=False)["input_ids"])
+        if n > limit:
+            raise PromptTooLong(f"the message is {n} tokens long; the limit is {limit}")
+        history = plausible_turns(history, budget, self.max_token_chars, self.min_turn_tokens)
+        return build_chat_prompt(self.tokenizer, self.template, history, query, budget, system)[0]
 
     def stream(self, history, query, settings, stop_event=None, system=None):
         """Yield text deltas of the reply to `query` after `history` ([(user, assistant), ...]).
         `settings` holds the generation settings (an argparse namespace or a dict, e.g. from web sliders).
-        Raises ValueError when the query alone exceeds the prompt budget."""
+        Raises PromptTooLong (see `prompt_ids`) before generating anything, and ReplyOutOfMemory when the device
+        runs out of memory (its memory is freed first, so the next reply can run)."""
         max_new = settings["max_new_tokens"] if isinstance(settings, dict) else settings.max_new_tokens
-        ctx = context_length(self.model, self.tokenizer)
-        budget = min(self.max_prompt_tokens, ctx - int(max_new))
-        if budget < 1:
-            raise ValueError(f"max_new_tokens {max_new} leaves no room for the prompt in the {ctx}-token context")
-        ids, _ = build_chat_prompt(self.tokenizer, self.template, history, query, budget, system)
-        yield from stream_reply(self.model, self.tokenizer, ids, settings, stop_event)
+        ids = self.prompt_ids(history, query, max_new, system)
+        out_of_memory = False
+        try:
+            yield from stream_reply(self.model, self.tokenizer, ids, settings, stop_event)
+        except torch.OutOfMemoryError:  # also torch.cuda.OutOfMemoryError
+            out_of_memory = True  # freed below, once this exception and the frames it holds are gone
+        if out_of_memory:
+            free_memory()
+            raise ReplyOutOfMemory("out of memory while generating this reply; try a shorter message, a shorter "
+                                   "conversation or fewer new tokens")
 
 
 def load_chat_model(args, log=print):
@@ -57,11 +103,16 @@ def load_chat_model(args, log=print):
     else:
         template, source = load_template("auto", tokenizer), "default"
     ctx = context_length(model, tokenizer)
-    budget = args.max_history_tokens or ctx - args.max_new_tokens
+    budget = min(args.max_history_tokens or ctx, ctx - args.max_new_tokens)
     if budget < 16:
-        raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for the prompt in the "
-                        f"model's {ctx}-token context")
+        flag, value = (("--max_history_tokens", args.max_history_tokens) if budget == args.max_history_tokens
+                       else ("--max_new_tokens", args.max_new_tokens))
+        raise UserError(f"{flag} {value} leaves under 16 tokens for the prompt in the model's {ctx}-token context")
+    max_input = args.max_input_tokens or budget
+    if max_input > budget:
+        log(f"note: --max_input_tokens {max_input} is more than the {budget}-token prompt budget; using {budget}")
+        max_input = budget
     desc = (f"{model_spec}{' + ' + adapter_dir if adapter_dir else ''}, {bits}-bit on {info['where']}, "
             f"template '{template.name}' ({source})")
     log(f"model: {desc}")
-    return ChatModel(model, tokenizer, template, budget, desc)
+    return ChatModel(model, tokenizer, template, budget, max_input, desc)

@@ -5,6 +5,7 @@ Closing the generator (a Stop button, a closed tab, Ctrl-C) sets a stop flag tha
 criterion reads, so the generation thread ends within one token.
 """
 
+import gc
 import queue
 import threading
 
@@ -118,18 +119,108 @@ def generate_reply(model, tokenizer, input_ids, settings):
     return "".join(stream_reply(model, tokenizer, input_ids, settings))
 
 
+class PromptTooLong(ValueError):
+    """The user's message does not fit its limit: a message for that user, never a crash."""
+
+
+class ReplyOutOfMemory(RuntimeError):
+    """The device ran out of memory during one reply; the memory it held is freed and the next reply can run."""
+
+
+def free_memory():
+    """Give back the memory of a failed reply: the tensors it held are reachable only from reference cycles
+    (an exception's traceback holds the frames that held them) until collected, and CUDA keeps freed blocks
+    cached for this process until emptied."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def longest_token_chars(tokenizer):
+    """An upper bound on the characters one token stands for (byte-level and SentencePiece vocabularies
+    spell each token with at least one character per character it covers)."""
+    return max(map(len, tokenizer.get_vocab()))
+
+
+def plausible_turns(history, max_prompt_tokens, max_token_chars, min_turn_tokens=1):
+    """The newest turns of `history` ([(user, assistant), ...]) that might fit `max_prompt_tokens`, found
+    without tokenizing: older turns go once their count (each costs at least `min_turn_tokens`; at least one,
+    the EOS after its answer) or their characters (at most `max_token_chars` per token, doubled for normalizers
+    that fold characters) cannot fit. This bounds the work a long or hostile history causes."""
+    max_turns = max_prompt_tokens // max(1, min_turn_tokens)
+    max_chars, chars, kept = 2 * max_prompt_tokens * max_token_chars, 0, 0
+    for user, assistant in reversed(history[max(0, len(history) - max_turns):]):
+        chars += len(user) + len(assistant)
+        if chars > max_chars:
+            break
+        kept += 1
+    return list(history[len(history) - kept:])
+
+
+def empty_turn_tokens(tokenizer, template, system=None):
+    """Tokens that one turn with an empty question and answer adds to a prompt: what the template puts around
+    every turn."""
+
+    def length(history):
+        messages = history_to_messages(history, "", system)
+        return len(encode_conversation(tokenizer, template, messages, add_generation_prompt=True)[0])
+
+    return length([("", "")]) - length([])
+
+
 def build_chat_prompt(tokenizer, template, history, query, max_prompt_tokens, system=None):
-    """Token ids for `history` + `query`, dropping the oldest turns until it fits `max_prompt_tokens`.
-    Returns (ids, turns_kept); raises ValueError if the query alone does not fit."""
+    """Token ids for `history` + `query` with as many of the newest turns as fit `max_prompt_tokens`.
+    Returns (ids, turns_kept); raises PromptTooLong if the query alone does not fit.
+
+    Encoding k turns costs more than k times one turn (a chat template re-renders the earlier turns), so the
+    number kept is not found by dropping one turn at a time: it is estimated from each turn's own token count,
+    checked, and corrected by steps that double and then halve: a few encodings, usually two or three.
+    """
     history = list(history)
-    while True:
-        ids, _ = encode_conversation(tokenizer, template, history_to_messages(history, query, system),
-                                     add_generation_prompt=True)
+
+    def encode(turns):
+        messages = history_to_messages(turns, query, system)
+        return encode_conversation(tokenizer, template, messages, add_generation_prompt=True)[0]
+
+    kept = {0: encode([])}  # turns kept -> ids, for the counts that fit
+    if len(kept[0]) > max_prompt_tokens:
+        raise PromptTooLong(f"the message is {len(kept[0])} tokens long; the limit is {max_prompt_tokens}")
+    if not history:
+        return kept[0], 0
+
+    def fits(k):
+        ids = encode(history[len(history) - k:])
         if len(ids) <= max_prompt_tokens:
-            return ids, len(history)
-        if not history:
-            raise ValueError(f"the message is {len(ids)} tokens long; the limit is {max_prompt_tokens}")
-        history.pop(0)
+            kept[k] = ids
+        return k in kept
+
+    # the estimate: each turn's text tokenized alone, plus what the template adds around an empty turn
+    per_turn = empty_turn_tokens(tokenizer, template, system)
+    sizes = [len(ids) for ids in tokenizer([u + a for u, a in history], add_special_tokens=False)["input_ids"]]
+    total, estimate = len(kept[0]), 0
+    while estimate < len(history) and total + sizes[-1 - estimate] + per_turn <= max_prompt_tokens:
+        total += sizes[-1 - estimate] + per_turn
+        estimate += 1
+    lo, hi, step = 0, len(history) + 1, 1  # lo turns fit, hi turns do not (len + 1: more than there are)
+    k = max(estimate, 1)
+    if fits(k):
+        lo = k
+        while lo + step < hi:
+            if not fits(lo + step):
+                hi = lo + step
+                break
+            lo, step = lo + step, 2 * step
+    else:
+        hi = k
+        while hi - step > lo:
+            if fits(hi - step):
+                lo = hi - step
+                break
+            hi, step = hi - step, 2 * step
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return kept[lo], lo
 
 
 def context_length(model, tokenizer):
