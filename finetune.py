@@ -169,7 +169,7 @@ def main(args):
     from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 
     from utils.modeling import compute_dtype, load_model, sharded_engine
-    from utils.training import GracefulStop, MetaCallback, Trainer, adapter_meta, finish_run, report_targets
+    from utils.training import GracefulStop, MetaCallback, Throughput, Trainer, adapter_meta, finish_run, report_targets
     set_seed(args.seed)
     if sharded_engine() and torch.cuda.is_available():
         from accelerate import PartialState
@@ -230,7 +230,8 @@ def main(args):
     meta["data"] = {"files": data_files, "overlong": args.overlong, "examples": len(examples)}
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=val_set,
                       data_collator=D.pad_collate(tokenizer), processing_class=tokenizer,
-                      callbacks=[MetaCallback(meta, keep=args.save_total_limit), stopper := GracefulStop()])
+                      callbacks=[MetaCallback(meta, keep=args.save_total_limit), stopper := GracefulStop(),
+                                 Throughput()])
     if args.early_stopping_patience:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
         log(f"early stopping: after {args.early_stopping_patience} evaluations without a lower eval loss; "

@@ -10,7 +10,7 @@ accelerate launch; cli_demo.py), with the same global batch, so the loss curves 
   3. FSDP-QLoRA, 2 GPUs accelerate launch --config_file configs/accelerate_fsdp_qlora.yaml, micro-batch M
      (and, with --only ...,zero3, DeepSpeed ZeRO-3 through configs/accelerate_deepspeed_zero3.yaml)
   4. inference: cli_demo.py greedy on 1 GPU vs --num_gpus 2, in 16-bit and 4-bit, on a model of the same width
-Throughput is real (non-pad) tokens per second of training as the Trainer timed it (first step included);
+Throughput is real (non-pad) tokens per second of training after the first optimizer step (start-up excluded);
 peak memory is torch.cuda.max_memory_allocated of each process (the largest over ranks).
 """
 
@@ -82,12 +82,20 @@ def run(name, cmd, log_dir, env=None, timeout=900):
 
 def summary(out_dir):
     with open(os.path.join(out_dir, "training_summary.json")) as f:
-        return json.load(f)
+        s = json.load(f)
+    return {k: s[k] for k in ("tokens_seen", "tokens_per_second", "tokens_per_second_after_first_step",
+                              "peak_gpu_memory_gib", "train_runtime_s", "loss_history")}
+
+
+def save(results, log_dir):
+    with open(os.path.join(log_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="work folder (model, data, outputs, logs)")
+    p.add_argument("--out", required=True, help="work folder (model, data, outputs)")
+    p.add_argument("--log_dir", default=None, help="logs and results.json, written after each run (default: --out)")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--intermediate", type=int, default=11008)
@@ -99,6 +107,8 @@ def main():
     args = p.parse_args()
     only = set(args.only.split(","))
     os.makedirs(args.out, exist_ok=True)
+    log_dir = args.log_dir or args.out
+    os.makedirs(log_dir, exist_ok=True)
     import torch
     gpus = torch.cuda.device_count()
     print(f"{gpus} GPU(s): {[torch.cuda.get_device_name(i) for i in range(gpus)]}; torch {torch.__version__}",
@@ -114,23 +124,27 @@ def main():
              "--learning_rate", "1e-4", "--warmup_ratio", "0", "--lora_dropout", "0", "--prompt_template", "alpaca"]
     results = {}
     if "single" in only and run("single", [sys.executable, *train, "--output_dir", os.path.join(args.out, "single"),
-                                           "--gradient_accumulation_steps", "2"], args.out):
+                                           "--gradient_accumulation_steps", "2"], log_dir):
         results["single"] = summary(os.path.join(args.out, "single"))
+    save(results, log_dir)
     if "ddp" in only and gpus >= 2 and run("ddp", [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *train,
-            "--output_dir", os.path.join(args.out, "ddp"), "--gradient_accumulation_steps", "1"], args.out):
+            "--output_dir", os.path.join(args.out, "ddp"), "--gradient_accumulation_steps", "1"], log_dir):
         results["ddp"] = summary(os.path.join(args.out, "ddp"))
+    save(results, log_dir)
     if "fsdp" in only and gpus >= 2 and run("fsdp", [
             sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             os.path.join(ROOT, "configs", "accelerate_fsdp_qlora.yaml"), *train,
-            "--output_dir", os.path.join(args.out, "fsdp"), "--gradient_accumulation_steps", "1"], args.out):
+            "--output_dir", os.path.join(args.out, "fsdp"), "--gradient_accumulation_steps", "1"], log_dir):
         results["fsdp"] = summary(os.path.join(args.out, "fsdp"))
+    save(results, log_dir)
 
     if "zero3" in only and gpus >= 2 and run("zero3", [
             sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             os.path.join(ROOT, "configs", "accelerate_deepspeed_zero3.yaml"), *train,
-            "--output_dir", os.path.join(args.out, "zero3"), "--gradient_accumulation_steps", "1"], args.out):
+            "--output_dir", os.path.join(args.out, "zero3"), "--gradient_accumulation_steps", "1"], log_dir):
         results["zero3"] = summary(os.path.join(args.out, "zero3"))
+    save(results, log_dir)
 
     if "infer" in only and gpus >= 2:
         small = build_model(os.path.join(args.out, "infer_model"), args.infer_layers, args.hidden,
@@ -142,15 +156,14 @@ def main():
                 cmd = [sys.executable, os.path.join(ROOT, "cli_demo.py"), "--model_path", small, "--bits", str(bits),
                        "--num_gpus", str(n), "--temperature", "0", "--max_new_tokens", "48",
                        "--input_pattern", "alpaca"]
-                with open(os.path.join(args.out, f"{name}.log"), "w") as log:
+                with open(os.path.join(log_dir, f"{name}.log"), "w") as log:
                     proc = subprocess.run(cmd, cwd=ROOT, input=prompt, text=True, stdout=subprocess.PIPE,
                                           stderr=log, timeout=600)
                 replies = [line for line in proc.stdout.splitlines() if line.startswith("Assistant:")]
                 results[name] = {"exit": proc.returncode, "reply": replies[0] if replies else None}
                 print(f"[{name}] exit {proc.returncode}: {str(results[name]['reply'])[:100]}", flush=True)
+                save(results, log_dir)
 
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
     print("\n| run | processes x micro-batch x accumulation | tokens/s | peak GiB / GPU | losses (first, last) |")
     print("|---|---|---|---|---|")
     shape = {"single": "1 x {m} x 2", "ddp": "2 x {m} x 1", "fsdp": "2 x {m} x 1", "zero3": "2 x {m} x 1"}
@@ -158,10 +171,11 @@ def main():
         if name in results:
             s = results[name]
             losses = [loss for _, loss in s["loss_history"]]
-            print(f"| {name} | {shape[name].format(m=args.micro_batch)} | {s['tokens_per_second']} | "
+            print(f"| {name} | {shape[name].format(m=args.micro_batch)} | {s['tokens_per_second_after_first_step']} | "
                   f"{s['peak_gpu_memory_gib']} | {losses[0]:.4f}, {losses[-1]:.4f} |")
     if "single" in results and "ddp" in results:
-        print(f"DDP speed-up: {results['ddp']['tokens_per_second'] / results['single']['tokens_per_second']:.2f}x")
+        key = "tokens_per_second_after_first_step"
+        print(f"DDP speed-up: {results['ddp'][key] / results['single'][key]:.2f}x")
     if "single" in results and "fsdp" in results and results["single"]["peak_gpu_memory_gib"]:
         print(f"FSDP peak / single peak: "
               f"{results['fsdp']['peak_gpu_memory_gib'] / results['single']['peak_gpu_memory_gib']:.0%}")

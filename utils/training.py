@@ -8,6 +8,7 @@ import platform
 import re
 import shutil
 import signal
+import time
 
 import transformers
 from transformers import TrainerCallback
@@ -106,6 +107,24 @@ class GracefulStop(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+class Throughput(TrainerCallback):
+    """Tokens per second after the first optimizer step, so start-up costs (CUDA context, kernel selection,
+    data loader workers) do not count; `run_summary` reports it next to the whole-run figure."""
+
+    def __init__(self):
+        self.start = self.tokens_per_second = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.start is None:
+            self.start = (time.perf_counter(), state.num_input_tokens_seen)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.start is not None:
+            seconds = time.perf_counter() - self.start[0]
+            tokens = state.num_input_tokens_seen - self.start[1]
+            self.tokens_per_second = round(tokens / seconds, 1) if tokens and seconds > 0 else None
 
 
 class MetaCallback(TrainerCallback):
@@ -238,6 +257,8 @@ def run_summary(trainer, history, wall_seconds, peak_gpu_bytes=None):
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "tokens_seen": tokens,
         "tokens_per_second": round(tokens / runtime, 1) if tokens and runtime else None,
+        "tokens_per_second_after_first_step": next((cb.tokens_per_second for cb in trainer.callback_handler.callbacks
+                                                    if isinstance(cb, Throughput)), None),
         "train_runtime_s": runtime,
         "train_samples_per_second": end.get("train_samples_per_second"),
         "wall_time_s": round(wall_seconds, 1),
