@@ -39,6 +39,9 @@ def parse_args(argv=None):
                    help="replies generated at once; each one holds the model for its whole reply")
     w.add_argument("--max_queue", type=int, default=16,
                    help="requests waiting for a free slot; beyond it, users are told the queue is full")
+    w.add_argument("--max_request_mb", type=float, default=2,
+                   help="largest request body the server reads, in MiB; larger ones are answered 413 before "
+                        "any parsing (a whole conversation the page sends back is far smaller)")
     w.add_argument("--auth", default=None, metavar="USER:PASSWORD",
                    help=f"ask visitors to log in with this user and password. Prefer the {AUTH_ENV} "
                         "environment variable, which other users of this machine cannot see in `ps` "
@@ -217,6 +220,8 @@ def check_ui_args(args, environ=os.environ):
         problems.append(f"--concurrency_limit must be >= 1, got {args.concurrency_limit}")
     if args.max_queue < 1:
         problems.append(f"--max_queue must be >= 1, got {args.max_queue}")
+    if not args.max_request_mb > 0:
+        problems.append(f"--max_request_mb must be > 0, got {args.max_request_mb}")
     try:
         auth = resolve_auth(args, environ)
     except UserError as e:
@@ -239,7 +244,8 @@ def main(args):
     from utils.chat import load_chat_model
     chat = load_chat_model(args)
     demo = build_app(chat, args)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+                app_kwargs={"max_body_size": int(args.max_request_mb * 2**20)})
     return demo
 
 

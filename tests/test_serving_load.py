@@ -153,9 +153,14 @@ def test_the_server_enforces_its_limits_whatever_the_client_sends(client, reply)
     long_message = "hello " * (MAX_INPUT_TOKENS + 1)
     messages, textbox = client.predict(*chat_args(long_message, earlier), api_name="/chat")
     assert texts(messages) == [("user", "hi"), ("assistant", "hello!")] and textbox == long_message
-    # and so is a message too long to be worth tokenizing (5 MB)
-    messages, textbox = client.predict(*chat_args("x" * 5_000_000, []), api_name="/chat")
-    assert messages == [] and len(textbox) == 5_000_000
+    # and so is a message too long to be worth tokenizing (1.5 MB: under the request ceiling)
+    messages, textbox = client.predict(*chat_args("x" * 1_500_000, []), api_name="/chat")
+    assert messages == [] and len(textbox) == 1_500_000
+    # a request body over --max_request_mb (2 MiB) is turned away before Gradio parses it; the server goes on
+    with pytest.raises(Exception) as refused:
+        client.predict(*chat_args("x" * 3_000_000, []), api_name="/chat")
+    print(f"\n3 MB request: {type(refused.value).__name__}: {str(refused.value)[:120]}")
+    assert texts(client.predict(*chat_args("hi", []), api_name="/chat")[0])[-1] == ("assistant", reply)
 
     # a history with roles and parts the page never sends: ignored, the reply goes on
     odd = [
