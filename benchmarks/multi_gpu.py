@@ -139,13 +139,6 @@ def main():
         results["fsdp"] = summary(os.path.join(args.out, "fsdp"))
     save(results, log_dir)
 
-    if "zero3" in only and gpus >= 2 and run("zero3", [
-            sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            os.path.join(ROOT, "configs", "accelerate_deepspeed_zero3.yaml"), *train,
-            "--output_dir", os.path.join(args.out, "zero3"), "--gradient_accumulation_steps", "1"], log_dir):
-        results["zero3"] = summary(os.path.join(args.out, "zero3"))
-    save(results, log_dir)
-
     if "infer" in only and gpus >= 2:
         small = build_model(os.path.join(args.out, "infer_model"), args.infer_layers, args.hidden,
                             args.intermediate, seed=1)
@@ -163,6 +156,13 @@ def main():
                 results[name] = {"exit": proc.returncode, "reply": replies[0] if replies else None}
                 print(f"[{name}] exit {proc.returncode}: {str(results[name]['reply'])[:100]}", flush=True)
                 save(results, log_dir)
+
+    if "zero3" in only and gpus >= 2 and run("zero3", [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            os.path.join(ROOT, "configs", "accelerate_deepspeed_zero3.yaml"), *train,
+            "--output_dir", os.path.join(args.out, "zero3"), "--gradient_accumulation_steps", "1"], log_dir):
+        results["zero3"] = summary(os.path.join(args.out, "zero3"))
+    save(results, log_dir)
 
     print("\n| run | processes x micro-batch x accumulation | tokens/s | peak GiB / GPU | losses (first, last) |")
     print("|---|---|---|---|---|")
