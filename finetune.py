@@ -48,7 +48,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora_r", type=int, default=16, help="adapter rank")
     g.add_argument("--lora_alpha", type=int, default=32, help="adapter scale numerator (scale = alpha / r)")
-    g.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the adapter input")
+    g.add_argument("--lora_dropout", type=float, default=0.0,
+                   help="dropout on the adapter input; 0 (default) keeps the fused LoRA layers of --speedups, "
+                        "> 0 uses peft's own (slower) layers")
     g.add_argument("--lora_target_modules", default="all-linear",
                    help="comma-separated module names (e.g. q_proj,v_proj), or all-linear (default)")
     g = p.add_argument_group("Training")
@@ -67,6 +69,8 @@ def parse_args(argv=None):
                    help="optimizer name as the HF Trainer spells it; auto = paged_adamw_32bit on GPU, "
                         "adamw_torch on CPU")
     add_bool(g, "--gradient_checkpointing", True, "recompute activations in the backward pass to save memory")
+    add_bool(g, "--speedups", True, "fused LoRA / RMSNorm / SwiGLU kernels, a chunked loss on labelled tokens and "
+             "packed micro-batches (utils/speed.py, measured in BENCHMARKS.md); --no-speedups = plain peft recipe")
     g.add_argument("--logging_steps", type=int, default=None,
                    help="log the loss every N optimizer steps (default: 10, or fewer so a short run logs >= 10 "
                         "points)")
@@ -165,9 +169,10 @@ def main(args):
 
     # ---- model: quantized base + LoRA adapters ----
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 
+    from utils import speed
     from utils.modeling import compute_dtype, load_model, sharded_engine
     from utils.training import GracefulStop, MetaCallback, Throughput, Trainer, adapter_meta, finish_run, report_targets
     set_seed(args.seed)
@@ -178,7 +183,11 @@ def main(args):
                                 local_files_only=args.local_files_only, trust_remote_code=args.trust_remote_code)
     ckpt_kwargs = {"use_reentrant": False}  # re-entrant checkpointing breaks DDP (pitfall 6)
     sharded = sharded_engine() is not None and torch.cuda.is_available()
-    if args.bits in (4, 8) and not sharded:
+    # the fused path is for one model copy per GPU; fp16 GPUs keep peft's fp32-norm recipe
+    fast = args.speedups and speed.fast_path_dtype_ok() and not sharded
+    if fast:
+        model = speed.prepare_model(model)  # frozen in its compute dtype; the Trainer turns on checkpointing
+    elif args.bits in (4, 8) and not sharded:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=ckpt_kwargs)
     elif args.gradient_checkpointing:
@@ -188,15 +197,17 @@ def main(args):
     targets = args.lora_target_modules
     targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     try:
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
-                                                 lora_dropout=args.lora_dropout, target_modules=targets,
-                                                 bias="none", task_type="CAUSAL_LM"),
+        model = get_peft_model(model, speed.lora_config(args.bits, fused=fast, r=args.lora_r,
+                                                        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                                        target_modules=targets, bias="none", task_type="CAUSAL_LM"),
                                autocast_adapter_dtype=not sharded)
     except ValueError as e:
         raise UserError(f"--lora_target_modules {args.lora_target_modules}: {e}") from None
     trainable, total = model.get_nb_trainable_parameters()
     log(f"model: {args.base_model} ({info['path']}), {args.bits}-bit on {info['where']}; "
         f"LoRA r={args.lora_r} on {targets}: {trainable:,} trainable of {total:,} parameters")
+    speedups = speed.TrainingSpeedups(model) if fast else None
+    log(speedups.describe() if speedups else "speed-ups: off (--no-speedups, an fp16 GPU, or FSDP/ZeRO-3)")
 
     # ---- train ----
     dtype = compute_dtype()
@@ -229,7 +240,8 @@ def main(args):
     meta = adapter_meta(args, template, model_path)
     meta["data"] = {"files": data_files, "overlong": args.overlong, "examples": len(examples)}
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=val_set,
-                      data_collator=D.pad_collate(tokenizer), processing_class=tokenizer,
+                      data_collator=speedups.collator(tokenizer) if speedups else D.pad_collate(tokenizer),
+                      compute_loss_func=speedups.loss_func if speedups else None, processing_class=tokenizer,
                       callbacks=[MetaCallback(meta, keep=args.save_total_limit), stopper := GracefulStop(),
                                  Throughput()])
     if args.early_stopping_patience:

@@ -57,7 +57,8 @@ def chat(tiny_llama_dir):
     args = gradio_ui.parse_args(["--model_path", tiny_llama_dir, "--num_gpus", "0", "--temperature", "0",
                                  "--max_new_tokens", str(MAX_NEW_TOKENS)])
     chat = load_chat_model(args, log=lambda msg: None)
-    hook = chat.model.register_forward_hook(lambda *_: time.sleep(STEP_SECONDS))
+    # slow every decoding step down: the output layer runs once a token in generate() and in the static decoder
+    hook = chat.model.get_output_embeddings().register_forward_hook(lambda *_: time.sleep(STEP_SECONDS))
     yield RecordingChat(chat), args
     hook.remove()
 

@@ -1,18 +1,22 @@
 """Streaming generation: one primitive, `stream_reply`, a generator of text deltas.
 
 The blocking call (`generate_reply`) joins it, the CLI prints the deltas, the web UI accumulates them.
-Closing the generator (a Stop button, a closed tab, Ctrl-C) sets a stop flag that the model's stopping
-criterion reads, so the generation thread ends within one token.
+Closing the generator (a Stop button, a closed tab, Ctrl-C) sets a stop flag that is read after every token.
+Where utils/decoder.py covers the model (LLaMA-shaped, on one device) the tokens come from its static-cache
+decoder (CUDA graphs on a GPU); otherwise from transformers' `generate` in a worker thread.
 """
 
+import contextlib
 import gc
 import queue
+import sys
 import threading
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from utils.decoder import fast_decoder
 from utils.prompts import encode_conversation, history_to_messages
 
 _DONE = object()
@@ -49,39 +53,53 @@ class _StopOnEvent(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-class _DeltaStreamer(BaseStreamer):
-    """Receives token ids from `generate`, hands complete-character text deltas to a queue.
+class _TextDeltas:
+    """Token ids in, complete-character text deltas out.
 
     The whole reply is re-decoded each step and only the new suffix is sent; a suffix ending in U+FFFD
     (a character whose bytes span several tokens, common in Chinese) is held back until complete.
     """
 
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.sent = tokenizer, [], 0
+
+    def add(self, ids):
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if len(text) > self.sent and not text.endswith("\ufffd"):
+            delta, self.sent = text[self.sent:], len(text)
+            return delta
+        return None
+
+    def finish(self):  # a character cut off by max_new_tokens is dropped, never shown as U+FFFD
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).rstrip("\ufffd")
+        return text[self.sent:] if len(text) > self.sent else None
+
+
+class _DeltaStreamer(BaseStreamer):
+    """Receives token ids from `generate` (the prompt first, then one step at a time), queues text deltas."""
+
     def __init__(self, tokenizer, out_queue):
-        self.tokenizer, self.queue = tokenizer, out_queue
-        self.ids, self.sent, self.prompt_seen = [], 0, False
+        self.deltas, self.queue, self.prompt_seen = _TextDeltas(tokenizer), out_queue, False
 
     def put(self, value):
         if not self.prompt_seen:  # the first call carries the prompt
             self.prompt_seen = True
             return
-        self.ids.extend(value.reshape(-1).tolist())
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if len(text) > self.sent and not text.endswith("\ufffd"):
-            self.queue.put(text[self.sent:])
-            self.sent = len(text)
+        delta = self.deltas.add(value.reshape(-1).tolist())
+        if delta:
+            self.queue.put(delta)
 
-    def end(self):  # a character cut off by max_new_tokens is dropped, never shown as U+FFFD
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).rstrip("\ufffd")
-        if len(text) > self.sent:
-            self.queue.put(text[self.sent:])
+    def end(self):
+        delta = self.deltas.finish()
+        if delta:
+            self.queue.put(delta)
 
 
 def stream_reply(model, tokenizer, input_ids, settings, stop_event=None):
     """Yield the reply to `input_ids` (a list of token ids) as text deltas."""
     stop_event = stop_event or threading.Event()
     out = queue.Queue()
-    device = model.get_input_embeddings().weight.device
-    ids = torch.tensor([input_ids], dtype=torch.long, device=device)
     kwargs = generation_kwargs(settings, tokenizer, model)
     seed = settings.get("seed") if isinstance(settings, dict) else getattr(settings, "seed", None)
 
@@ -89,10 +107,13 @@ def stream_reply(model, tokenizer, input_ids, settings, stop_event=None):
         try:
             if seed is not None:
                 torch.manual_seed(seed)
-            with torch.inference_mode():
-                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                               streamer=_DeltaStreamer(tokenizer, out),
-                               stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop_event)]), **kwargs)
+            if not _decode_static(model, tokenizer, input_ids, kwargs, stop_event, out.put):
+                device = model.get_input_embeddings().weight.device
+                ids = torch.tensor([input_ids], dtype=torch.long, device=device)
+                with torch.inference_mode():
+                    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                   streamer=_DeltaStreamer(tokenizer, out),
+                                   stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop_event)]), **kwargs)
         except BaseException as e:  # handed to the consumer, which re-raises it in its own thread
             out.put(e)
         finally:
@@ -113,6 +134,36 @@ def stream_reply(model, tokenizer, input_ids, settings, stop_event=None):
         stop_event.set()
         if finished:
             thread.join()
+
+
+def _decode_static(model, tokenizer, input_ids, kwargs, stop_event, emit):
+    """Stream the reply through utils/decoder.py's StaticDecoder, handing text deltas to `emit`. Returns False,
+    having emitted nothing, where it does not apply: not covered, busy with another reply, or failing on its
+    first use for this model (then it says why once, and generate() takes over for good)."""
+    engine = fast_decoder(model)
+    if engine is None or not engine.try_acquire():
+        return False
+    try:
+        deltas = _TextDeltas(tokenizer)
+        with contextlib.closing(engine.generate(input_ids, kwargs, stop_event)) as tokens:
+            for token_id in tokens:
+                engine.proven = True
+                delta = deltas.add([token_id])
+                if delta:
+                    emit(delta)
+        delta = deltas.finish()
+        if delta:
+            emit(delta)
+        return True
+    except Exception as e:
+        if engine.proven or isinstance(e, ValueError):
+            raise
+        model._static_decoder = f"it failed: {type(e).__name__}: {e}"
+        print(f"note: fast decoding failed ({type(e).__name__}: {e}); using transformers' generate",
+              file=sys.stderr, flush=True)
+        return False
+    finally:
+        engine.release()
 
 
 def generate_reply(model, tokenizer, input_ids, settings):

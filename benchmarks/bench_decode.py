@@ -1,0 +1,184 @@
+"""Decoding speed at batch 1: transformers' `model.generate` against this project's streaming path
+(`utils.chat.ChatModel.stream`, as cli_demo.py and gradio_ui.py run it) on a random LLaMA in bf16.
+
+    python benchmarks/bench_decode.py                      # LLaMA-2-7B shape on the GPU
+    python benchmarks/bench_decode.py --hf_static          # also generate(cache_implementation="static")
+    python benchmarks/bench_decode.py --shape tiny --turns 2 --max_new_tokens 16 --baseline_tokens 8   # CPU
+
+The conversation has --turns turns with user messages of different lengths (so prompt lengths vary), each
+reply --max_new_tokens long (the random model's EOS logit is 0, never the greedy pick), greedy; the last turn
+samples (temperature 0.7, top-p 0.9). Time to first token (TTFT) runs from the call to the first text delta;
+tokens/s counts the tokens after the first over the time after the first delta. The first turn includes the
+one-time work (kernel compilation, CUDA graph capture); later turns show a new prompt length costs nothing more.
+
+Greedy check: the project's decoder and `generate` from the same prompt, token for token; and, teacher-forced,
+the logit of each token the decoder chose against the best logit of one full forward pass (bf16 rounding can
+swap near-ties on a random model; the deficit says how near).
+"""
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import threading
+import time
+
+import common  # first: it puts the project root on sys.path
+import torch
+from common import emit, llama_config, random_model, sync, versions, word_tokenizer
+from transformers.generation.streamers import BaseStreamer
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_shape_args(p)
+    g = p.add_argument_group("Run")
+    g.add_argument("--turns", type=int, default=6, help="conversation turns through the project's path")
+    g.add_argument("--max_new_tokens", type=int, default=256, help="tokens per reply")
+    g.add_argument("--baseline_tokens", type=int, default=128, help="tokens for the generate() baseline")
+    g.add_argument("--verify_tokens", type=int, default=64, help="greedy tokens compared with generate()")
+    g.add_argument("--message_words", default="40,300,80,600,20,150",
+                   help="user message lengths in words, cycled over the turns")
+    g.add_argument("--hf_static", action="store_true",
+                   help="also time generate(cache_implementation='static') (compiles for a minute or more)")
+    g.add_argument("--json", default=None, help="also write the results to this file")
+    return p.parse_args(argv)
+
+
+class _Clock(BaseStreamer):
+    """Records when generate() hands over the first new token."""
+
+    def __init__(self):
+        self.calls, self.first = 0, None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2:
+            self.first = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+def time_generate(model, ids, n, **kwargs):
+    x = torch.tensor([ids], device=model.device)
+    clock = _Clock()
+    sync()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, streamer=clock, **kwargs)
+    sync()
+    end = time.perf_counter()
+    new = out[0, len(ids):].tolist()
+    return {"ttft_s": clock.first - t0, "tokens_per_s": (len(new) - 1) / (end - clock.first),
+            "new_tokens": len(new)}, new
+
+
+def verify(model, tokenizer, ids, reference, n):
+    """Greedy tokens of the project's decoder vs generate's `reference`; teacher-forced logit deficits."""
+    from utils.decoder import fast_decoder
+    from utils.generation import generation_kwargs
+    engine = fast_decoder(model)
+    if engine is None:
+        return {"decoder": "off"}
+    gen = generation_kwargs({"max_new_tokens": n, "temperature": 0}, tokenizer, model)
+    assert engine.try_acquire()
+    try:
+        engine.cached = []  # no reuse: the same computation generate does
+        ours = list(engine.generate(ids, gen, threading.Event()))
+    finally:
+        engine.release()
+    same = next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), min(len(ours), len(reference)))
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids + ours], device=model.device)).logits[0, len(ids) - 1:-1].float()
+    best = logits.max(-1).values
+    chosen = logits.gather(1, torch.tensor(ours, device=logits.device)[:, None])[:, 0]
+    deficit = (best - chosen).tolist()
+    top2 = logits.topk(2, dim=-1).values
+    return {"compared": min(len(ours), len(reference)), "identical_prefix": same,
+            "max_logit_deficit": round(max(deficit), 4), "not_argmax": sum(d > 0 for d in deficit),
+            "median_top2_gap": round(float((top2[:, 0] - top2[:, 1]).median()), 4)}
+
+
+def main(args):
+    from utils.chat import ChatModel
+    from utils.generation import build_chat_prompt
+    from utils.prompts import load_template
+    print("versions:", json.dumps(versions()), flush=True)
+    config = llama_config(args)
+    tokenizer = word_tokenizer(config.vocab_size)
+    started = time.perf_counter()
+    model = random_model(config).eval()
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, {model.dtype}, "
+          f"{model.device}, built in {time.perf_counter() - started:.1f} s", flush=True)
+    template = load_template("chat", tokenizer)
+    ctx = config.max_position_embeddings
+    chat = ChatModel(model, tokenizer, template, ctx - args.max_new_tokens, "random")
+    rng = random.Random(0)
+    lengths = [int(x) for x in args.message_words.split(",")]
+    messages = [" ".join(f"w{rng.randrange(3, config.vocab_size)}" for _ in range(lengths[i % len(lengths)]))
+                for i in range(args.turns)]
+    results = {"versions": versions(), "shape": config.to_dict(), "args": vars(args)}
+
+    # ---- transformers' generate on the first turn's prompt ----
+    ids, _ = build_chat_prompt(tokenizer, template, [], messages[0], ctx - args.max_new_tokens)
+    results["generate"], reference = time_generate(model, ids, args.baseline_tokens)
+    emit(dict(path="generate", prompt_tokens=len(ids), **results["generate"]))
+    if args.hf_static:
+        time_generate(model, ids, 8, cache_implementation="static")  # compile once, untimed
+        results["generate_static"], _ = time_generate(model, ids, args.baseline_tokens,
+                                                       cache_implementation="static")
+        emit(dict(path="generate_static", prompt_tokens=len(ids), **results["generate_static"]))
+
+    # ---- the project's streaming path, multi-turn ----
+    history, turns = [], []
+    for i, message in enumerate(messages):
+        sample = i == len(messages) - 1 and len(messages) > 1
+        settings = {"max_new_tokens": args.max_new_tokens, "temperature": 0.7 if sample else 0.0, "top_p": 0.9,
+                    "top_k": 0, "repetition_penalty": 1.0, "seed": 0}
+        sync()
+        t0 = time.perf_counter()
+        first, reply = None, []
+        for delta in chat.stream(history, message, settings):
+            first = first or time.perf_counter()
+            reply.append(delta)
+        sync()
+        end = time.perf_counter()
+        stats = getattr(getattr(model, "_static_decoder", None), "last_stats", {})
+        new = stats.get("new_tokens") or len(tokenizer("".join(reply), add_special_tokens=False)["input_ids"])
+        turn = {"turn": i + 1, "sampled": sample, "prompt_tokens": stats.get("prompt_tokens"),
+                "reused_tokens": stats.get("reused_tokens"), "new_tokens": new, "ttft_s": round(first - t0, 4),
+                "tokens_per_s": round((new - 1) / (end - first), 1)}
+        turns.append(turn)
+        emit(dict(path="stream", **turn))
+        history.append((message, "".join(reply).strip()))
+    results["stream"] = turns
+    later = turns[1:] or turns
+    results["stream_summary"] = {"median_tokens_per_s_turn2+": statistics.median(t["tokens_per_s"] for t in later),
+                                 "median_ttft_s_turn2+": statistics.median(t["ttft_s"] for t in later),
+                                 "first_turn_ttft_s": turns[0]["ttft_s"]}
+
+    # ---- greedy agreement with generate ----
+    n = min(args.verify_tokens, len(reference))
+    results["greedy_check"] = verify(model, tokenizer, ids, reference[:n], n)
+    emit(dict(path="greedy_check", **results["greedy_check"]))
+
+    g, s = results["generate"], results["stream_summary"]
+    print(f"\n| path | tokens/s | TTFT |\n|---|---|---|\n"
+          f"| model.generate (dynamic cache) | {g['tokens_per_s']:.1f} | {g['ttft_s'] * 1000:.0f} ms |", flush=True)
+    if "generate_static" in results:
+        gs = results["generate_static"]
+        print(f"| generate(cache_implementation='static') | {gs['tokens_per_s']:.1f} | {gs['ttft_s'] * 1000:.0f} ms |")
+    print(f"| project stream, turns 2-{len(turns)} (median) | {s['median_tokens_per_s_turn2+']:.1f} | "
+          f"{s['median_ttft_s_turn2+'] * 1000:.0f} ms |\n| project stream, turn 1 (one-time setup) | "
+          f"{turns[0]['tokens_per_s']:.1f} | {turns[0]['ttft_s'] * 1000:.0f} ms |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_args(sys.argv[1:]))

@@ -1,0 +1,50 @@
+"""The benchmarks run at a tiny shape on the CPU (in-process, one training step each) and print sane numbers;
+on CPU the project's decoder reproduces generate() token for token."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+TINY = ["--shape", "tiny", "--hidden_size", "32", "--intermediate_size", "64", "--vocab_size", "200"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    import bench_train
+    import common
+    folder = str(tmp_path_factory.mktemp("bench-ckpt"))
+    common.build_checkpoint(folder, common.llama_config(bench_train.parse_args(TINY)))
+    return folder
+
+
+@pytest.mark.parametrize("stack", ["plain", "ours"])
+def test_train_benchmark_worker_reports_throughput(checkpoint, stack, capsys):
+    import json
+
+    import bench_train
+    args = bench_train.parse_args(TINY + ["--steps", "1", "--warmup", "1", "--batch", "2", "--seq", "32",
+                                          "--ckpt", "on", "--plain_dropouts", "0.05", "--worker", stack,
+                                          "--workdir", checkpoint])
+    bench_train.main(args, [])
+    results = [json.loads(line[7:]) for line in capsys.readouterr().out.splitlines() if line.startswith("RESULT ")]
+    assert [r["data"] for r in results] == ["fixed", "real"]
+    for r in results:
+        assert r["stack"] == stack and r["tokens_per_s"] > 0 and r["steps"] == 1 and r["ckpt"] is True
+    assert 0 < results[1]["lengths"]["mean"] <= 32
+    table = bench_train.table(results, args)
+    assert table.count("\n") == 3 and f"| {stack} | 2x32 random | on |" in table
+
+
+def test_decode_benchmark_matches_generate_on_cpu():
+    import bench_decode
+    results = bench_decode.main(bench_decode.parse_args(
+        TINY + ["--turns", "2", "--max_new_tokens", "6", "--baseline_tokens", "6", "--verify_tokens", "6",
+                "--message_words", "3,9"]))
+    assert results["generate"]["tokens_per_s"] > 0 and results["generate"]["ttft_s"] > 0
+    assert [t["new_tokens"] for t in results["stream"]] == [6, 6]
+    assert results["stream"][1]["reused_tokens"] > 0 and results["stream"][1]["sampled"]
+    check = results["greedy_check"]
+    assert check["identical_prefix"] == check["compared"] == 6 and check["max_logit_deficit"] == 0

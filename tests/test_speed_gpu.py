@@ -1,0 +1,97 @@
+"""The GPU side of utils/speed.py and utils/decoder.py (compiled kernels, CUDA graphs, NF4 on CUDA); skipped
+on machines without a CUDA GPU. Run: HF_HUB_OFFLINE=1 python3 -m pytest tests/test_speed_gpu.py -q"""
+
+import threading
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _config(vocab=512, ctx=1024):
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=ctx,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _decode(engine, ids, n):
+    gen = {"max_new_tokens": n, "eos_token_id": [2], "do_sample": False, "repetition_penalty": 1.0}
+    assert engine.try_acquire()
+    try:
+        return list(engine.generate(ids, gen, threading.Event()))
+    finally:
+        engine.release()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decoder_agrees_with_generate(dtype):
+    from transformers import LlamaForCausalLM
+
+    from utils import speed
+    from utils.decoder import fast_decoder
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(_config(), dtype=dtype).eval()
+    with torch.no_grad():
+        model.lm_head.weight[2] = 0
+    engine = fast_decoder(model)
+    assert engine.use_graphs and len(engine.fused) == 2 * 3  # q/k/v and gate/up of each layer in one GEMV
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, 512, (200,), generator=g).tolist()  # the reply crosses the 256-slot bucket
+    for turn in range(3):
+        if turn == 2:  # a new, long conversation: the 1024-slot bucket, where attention is two matmuls
+            prompt = torch.randint(3, 512, (930,), generator=g).tolist()
+        ours = _decode(engine, prompt, 90)
+        ref = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=90, do_sample=False,
+                             pad_token_id=0, eos_token_id=2)[0, len(prompt):].tolist()
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + ours], device="cuda")).logits[0, len(prompt) - 1:-1].float()
+        deficit = (logits.max(-1).values - logits.gather(1, torch.tensor(ours, device="cuda")[:, None])[:, 0])
+        print(dtype, "turn", turn, "identical:", ours == ref, "max deficit", deficit.max().item(), engine.last_stats)
+        if dtype == torch.float32:
+            assert ours == ref
+        assert deficit.max().item() < (1e-4 if dtype == torch.float32 else 0.1)
+        prompt = prompt + ours + torch.randint(3, 512, (30,), generator=g).tolist()
+    assert set(engine.graphs) == {256, 512, 1024} and all(engine.graphs.values())
+    assert speed.rms_norm.ok and speed.rope.ok  # compiled, not the eager fallback
+
+
+def test_fused_qlora_step_matches_plain_recipe_on_gpu(tmp_path):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from utils import speed
+    from utils.modeling import quantization_config
+    torch.manual_seed(0)
+    LlamaForCausalLM(_config()).to(torch.bfloat16).save_pretrained(tmp_path)
+    ids = torch.randint(3, 512, (2, 96), device="cuda")
+    results = {}
+    for fused in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map={"": 0},
+                                                     quantization_config=quantization_config(4))
+        speed.prepare_model(model)
+        torch.manual_seed(0)
+        model = get_peft_model(model, speed.lora_config(4, fused=fused, r=8, lora_alpha=16, lora_dropout=0.0,
+                                                        target_modules="all-linear", task_type="CAUSAL_LM",
+                                                        init_lora_weights=False)).train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if fused:
+                sp = speed.TrainingSpeedups(model)
+                assert sp.norms == 7 and sp.mlps == 3 and sp.fused_lora == 21
+                batch = sp.collator(None)([{"input_ids": r, "labels": r} for r in ids.tolist()])
+                labels = batch.pop("labels").cuda()
+                out = model(**{k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()})
+                loss = sp.loss_func(out, labels)
+            else:
+                loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = torch.cat([p.grad.float().flatten() for n, p in sorted(model.named_parameters()) if p.requires_grad])
+        results[fused] = loss.item(), grads
+    (l0, g0), (l1, g1) = results[False], results[True]
+    print("loss plain", l0, "fused", l1, "grad rel diff", ((g1 - g0).norm() / g0.norm()).item())
+    assert abs(l0 - l1) < 0.02 * abs(l0)
+    assert ((g1 - g0).norm() / g0.norm()).item() < 0.05
