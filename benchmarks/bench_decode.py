@@ -115,7 +115,8 @@ def main(args):
           f"{model.device}, built in {time.perf_counter() - started:.1f} s", flush=True)
     template = load_template("chat", tokenizer)
     ctx = config.max_position_embeddings
-    chat = ChatModel(model, tokenizer, template, ctx - args.max_new_tokens, "random")
+    budget = ctx - args.max_new_tokens
+    chat = ChatModel(model, tokenizer, template, budget, budget, "random")
     rng = random.Random(0)
     lengths = [int(x) for x in args.message_words.split(",")]
     messages = [" ".join(f"w{rng.randrange(3, config.vocab_size)}" for _ in range(lengths[i % len(lengths)]))
