@@ -161,31 +161,30 @@ def tiny_tokenizer():
 
 @pytest.fixture
 def inject_out_of_memory(monkeypatch):
-    """inject(model, tokenizer, trigger): make `model.generate` raise torch.OutOfMemoryError in its third
-    forward pass when the prompt contains `trigger` (as when a reply's KV cache outgrows the GPU), and work as
-    before otherwise. Returns a list that gets one entry per error raised."""
+    """inject(model, tokenizer, trigger): make the output layer raise torch.OutOfMemoryError in its third
+    forward pass of a reply whose prompt contains `trigger` (as when a reply's KV cache outgrows the GPU), and
+    work as before otherwise. The output layer runs on both decoding paths (the static-cache decoder and
+    transformers' generate). Returns a list that gets one entry per error raised."""
+    import utils.chat
 
     def inject(model, tokenizer, trigger, after_steps=2):
-        real_generate, raised = model.generate, []
+        raised, reply = [], {"armed": False, "steps": 0}
+        real_stream = utils.chat.stream_reply
 
-        def generate(*args, input_ids, **kwargs):
-            if trigger not in tokenizer.decode(input_ids[0]):
-                return real_generate(*args, input_ids=input_ids, **kwargs)
-            steps = []
+        def stream_reply(model_, tokenizer_, input_ids, *args, **kwargs):
+            reply.update(armed=trigger in tokenizer.decode(input_ids), steps=0)
+            yield from real_stream(model_, tokenizer_, input_ids, *args, **kwargs)
 
-            def explode(*_):
-                steps.append(1)
-                if len(steps) > after_steps:
+        def explode(*_):
+            if reply["armed"]:
+                reply["steps"] += 1
+                if reply["steps"] > after_steps:
+                    reply["armed"] = False
                     raised.append(1)
                     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
 
-            hook = model.register_forward_hook(explode)
-            try:
-                return real_generate(*args, input_ids=input_ids, **kwargs)
-            finally:
-                hook.remove()
-
-        monkeypatch.setattr(model, "generate", generate)
+        monkeypatch.setattr(utils.chat, "stream_reply", stream_reply)
+        model.get_output_embeddings().register_forward_hook(explode)
         return raised
 
     return inject
