@@ -180,7 +180,8 @@ def main(args):
         from accelerate import PartialState
         PartialState()  # join the process group and select this rank's GPU before the 4-bit weights are placed
     model, _, info = load_model(args.base_model, bits=args.bits, training=True,
-                                local_files_only=args.local_files_only, trust_remote_code=args.trust_remote_code)
+                                local_files_only=args.local_files_only, trust_remote_code=args.trust_remote_code,
+                                allow_pickle=args.allow_pickle)
     ckpt_kwargs = {"use_reentrant": False}  # re-entrant checkpointing breaks DDP (pitfall 6)
     sharded = sharded_engine() is not None and torch.cuda.is_available()
     # the fused path is for one model copy per GPU; fp16 GPUs keep peft's fp32-norm recipe

@@ -47,7 +47,7 @@ def main(args):
     # ---- resolve: adapter, its record, the base and where the result goes ----
     if not args.lora_model:
         raise UserError("--lora_model is required (e.g. output/checkpoint-final)")
-    adapter_dir = resolve_adapter_dir(args.lora_model)
+    adapter_dir = resolve_adapter_dir(args.lora_model, args.allow_pickle)
     meta = read_meta(adapter_dir)
     base_spec = args.model_path or meta.get("base_model")
     if not base_spec:
@@ -65,7 +65,8 @@ def main(args):
 
     # ---- load the base unquantized (and, for a 4-bit adapter, with the weights it was trained against) ----
     common = dict(num_gpus=args.num_gpus, max_gpu_memory=args.max_gpu_memory,
-                  local_files_only=args.local_files_only, trust_remote_code=args.trust_remote_code)
+                  local_files_only=args.local_files_only, trust_remote_code=args.trust_remote_code,
+                  allow_pickle=args.allow_pickle)
     model, _, _ = load_model(base_spec, bits=16, **common)
     if nf4:
         changed = load_nf4_weights(model, load_model(base_spec, bits=4, **common)[0])

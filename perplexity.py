@@ -43,7 +43,7 @@ def main(args):
     records, _ = D.load_dataset(args.data_path, args.data_format)
     if args.max_records:
         records = records[:args.max_records]
-    adapter_dir = resolve_adapter_dir(args.lora_model) if args.lora_model else None
+    adapter_dir = resolve_adapter_dir(args.lora_model, args.allow_pickle) if args.lora_model else None
     meta = read_meta(adapter_dir) if adapter_dir else {}
 
     # ---- model: the recorded base and bits unless flags say otherwise ----
@@ -56,7 +56,8 @@ def main(args):
     bits = resolve_bits(args, default=meta.get("bits", 16))
     model, tokenizer, info = load_model(model_spec, bits=bits, lora_model=adapter_dir, num_gpus=args.num_gpus,
                                         max_gpu_memory=args.max_gpu_memory, local_files_only=args.local_files_only,
-                                        trust_remote_code=args.trust_remote_code, tokenizer_path=adapter_dir)
+                                        trust_remote_code=args.trust_remote_code, tokenizer_path=adapter_dir,
+                                        allow_pickle=args.allow_pickle)
     template = load_template(args.prompt_template or meta.get("prompt_template") or "auto", tokenizer)
     cutoff = args.cutoff_len or meta.get("cutoff_len") or 512
     examples = D.tokenize_records(records, tokenizer, template, cutoff, train_on_inputs=False)

@@ -63,6 +63,9 @@ def add_model_args(parser, *, inference):
     add_bool(g, "--local_files_only", True,
              "never contact a model hub; pass --no-local_files_only to let transformers download a hub id")
     add_bool(g, "--trust_remote_code", False, "run Python code shipped inside the model folder")
+    add_bool(g, "--allow_pickle", False,
+             "also load pickle weights (pytorch_model.bin, adapter_model.bin), which can run code when loaded; "
+             "only for files you trust")
     g.add_argument("--num_gpus", type=int, default=None,
                    help="0 = CPU; N = spread the model over the first N GPUs (clamped to what exists). "
                         "Default: all visible GPUs for chat; ignored under torchrun/accelerate")

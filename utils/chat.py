@@ -81,7 +81,7 @@ class ChatModel:
 def load_chat_model(args, log=print):
     """Load the model described by the shared Model/Generation flags, ready to chat."""
     check_generation_args(args)
-    adapter_dir = resolve_adapter_dir(args.lora_model) if args.lora_model else None
+    adapter_dir = resolve_adapter_dir(args.lora_model, args.allow_pickle) if args.lora_model else None
     meta = read_meta(adapter_dir) if adapter_dir else {}
     if not meta and args.model_path and os.path.isdir(args.model_path):
         meta = read_meta(args.model_path)  # a merged model carries its adapter's record
@@ -95,7 +95,7 @@ def load_chat_model(args, log=print):
     model, tokenizer, info = load_model(
         model_spec, bits=bits, lora_model=adapter_dir, num_gpus=args.num_gpus,
         max_gpu_memory=args.max_gpu_memory, local_files_only=args.local_files_only,
-        trust_remote_code=args.trust_remote_code, tokenizer_path=adapter_dir)
+        trust_remote_code=args.trust_remote_code, tokenizer_path=adapter_dir, allow_pickle=args.allow_pickle)
     if args.input_pattern:
         template, source = load_template(args.input_pattern, tokenizer), "--input_pattern"
     elif meta.get("prompt_template"):

@@ -120,8 +120,12 @@ def convert_gguf(gguf_file, name=None):
 # Adapters and the record of how they were made
 # ---------------------------------------------------------------------------------------------------------
 
-def resolve_adapter_dir(path):
-    """Accept checkpoint-final, checkpoint-N, checkpoint-N/adapter_model, or an output dir holding them."""
+PICKLE_HINT = "a pickle file can run code when loaded; pass --allow_pickle to load it anyway, only if you trust it"
+
+
+def resolve_adapter_dir(path, allow_pickle=False):
+    """Accept checkpoint-final, checkpoint-N, checkpoint-N/adapter_model, or an output dir holding them.
+    A pickle adapter_model.bin is refused unless `allow_pickle`."""
     if not os.path.isdir(path):
         raise UserError(f"adapter folder not found: {path}")
     for candidate in (path, os.path.join(path, "adapter_model"), os.path.join(path, "checkpoint-final")):
@@ -131,8 +135,10 @@ def resolve_adapter_dir(path):
         raise UserError(f"{path} holds no adapter_config.json (nor checkpoint-final/ or adapter_model/ with one)")
     if not os.path.isfile(os.path.join(candidate, "adapter_model.safetensors")):
         if os.path.isfile(os.path.join(candidate, "adapter_model.bin")):
-            raise UserError(f"{candidate} holds only a pickle adapter_model.bin; this toolkit loads safetensors "
-                            "only (a pickle file can run code). Convert it to safetensors first")
+            if allow_pickle:
+                return candidate
+            raise UserError(f"{candidate} holds only a pickle adapter_model.bin, and only safetensors are loaded "
+                            f"by default: {PICKLE_HINT}")
         raise UserError(f"{candidate} has adapter_config.json but no adapter_model.safetensors")
     return candidate
 
@@ -257,7 +263,7 @@ def load_tokenizer(path, *, padding_side="right", local_files_only=True, trust_r
 
 
 def load_model(model_spec, *, bits=16, lora_model=None, training=False, num_gpus=None, max_gpu_memory=None,
-               local_files_only=True, trust_remote_code=False, tokenizer_path=None):
+               local_files_only=True, trust_remote_code=False, tokenizer_path=None, allow_pickle=False):
     """Return (model, tokenizer, info). `info` says what was loaded where, for the scripts to print."""
     from transformers import AutoModelForCausalLM
     path = resolve_model_path(model_spec, local_files_only)
@@ -269,22 +275,27 @@ def load_model(model_spec, *, bits=16, lora_model=None, training=False, num_gpus
     sharded = training and device_map is None
     kwargs = dict(dtype=compute_dtype(), device_map=device_map, max_memory=max_memory,
                   quantization_config=quantization_config(bits, sharded), local_files_only=local_files_only,
-                  trust_remote_code=trust_remote_code, use_safetensors=True)
+                  trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
-        raise UserError(f"cannot load model weights from {path}: {e} "
-                        "(only safetensors weights are loaded)") from None
+        hint = f" ({PICKLE_HINT})" if not allow_pickle and _has_pickle_weights(path) else ""
+        raise UserError(f"cannot load model weights from {path}: {e}{hint}") from None
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     for cfg in (model.config, model.generation_config):
         cfg.pad_token_id = tokenizer.pad_token_id
     if lora_model:
         from peft import PeftModel
-        model = PeftModel.from_pretrained(model, resolve_adapter_dir(lora_model), is_trainable=training)
+        model = PeftModel.from_pretrained(model, resolve_adapter_dir(lora_model, allow_pickle),
+                                          is_trainable=training)
     if not training:
         model.eval()
     return model, tokenizer, {"path": path, "where": where, "bits": bits}
+
+
+def _has_pickle_weights(path):
+    return os.path.isdir(path) and any(f.endswith(".bin") and "model" in f for f in os.listdir(path))
 
 
 def _bnb_available():
