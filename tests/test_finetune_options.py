@@ -43,15 +43,25 @@ def test_val_set_size_logs_eval_loss_perplexity_and_tensorboard(tiny_llama_dir, 
 
 
 def test_early_stopping_keeps_the_best_checkpoint(tiny_llama_dir, tmp_path):
-    # a learning rate too small to move the loss: no evaluation improves on the first one, so training stops
-    # after `patience` more evaluations, and checkpoint-final must be the first (best) checkpoint, not the last
+    """The held-out answers use a word the training answers never do, so the more the model learns the training
+    answers the worse it predicts the held-out ones: the eval loss rises, training stops `patience` evaluations
+    after the best one, and checkpoint-final must be the best checkpoint's adapter, not the last step's."""
+    from utils.data import split_train_val
+    held_out = set(split_train_val(list(range(40)), 8, 42)[1])  # the records finetune.py holds out (seed 42)
+    records = [{"instruction": f"Item {i}: say the code word.", "input": "",
+                "output": "omega omega omega" if i in held_out else "alpha alpha alpha"} for i in range(40)]
+    data = tmp_path / "words.json"
+    data.write_text(json.dumps(records), encoding="utf-8")
     out = tmp_path / "out"
-    log, summary = finetune(tiny_llama_dir, out, "--max_steps", "30", "--save_steps", "2", "--val_set_size", "8",
-                            "--early_stopping_patience", "2", "--learning_rate", "1e-12", "--warmup_ratio", "0",
-                            "--lr_scheduler_type", "constant", "--report_to", "none", "--save_total_limit", "1")
+    log, summary = finetune(tiny_llama_dir, out, "--data_path", str(data), "--max_steps", "60", "--save_steps", "2",
+                            "--val_set_size", "8", "--early_stopping_patience", "2", "--learning_rate", "5e-3",
+                            "--warmup_ratio", "0", "--lr_scheduler_type", "constant", "--report_to", "none",
+                            "--save_total_limit", "1", "--logging_steps", "1")
     evals = summary["eval_loss_history"]
     best_step, best = min(evals, key=lambda e: e[1])
-    assert summary["global_step"] < 30 and summary["global_step"] == evals[-1][0] == best_step + 2 * 2, evals
+    print("eval losses:", [(step, round(loss, 4)) for step, loss in evals])
+    assert summary["global_step"] < 60 and summary["global_step"] == evals[-1][0] == best_step + 2 * 2, evals
+    assert evals[-1][1] > best and summary["final_loss"] < summary["first_loss"]  # held-out up, training down
     assert summary["best_checkpoint"].endswith(f"checkpoint-{best_step}")
     assert os.path.isdir(summary["best_checkpoint"])  # rotation never removes the best one
     assert f"best eval loss {best:.4f}" in log
@@ -61,5 +71,5 @@ def test_early_stopping_keeps_the_best_checkpoint(tiny_llama_dir, tmp_path):
     kept = load_file(os.path.join(summary["best_checkpoint"], "adapter_model.safetensors"))
     last = load_file(str(out / f"checkpoint-{summary['global_step']}" / "adapter_model.safetensors"))
     assert final.keys() == kept.keys() and all((final[k] == kept[k]).all() for k in final)
-    assert any((final[k] != last[k]).any() for k in final)  # the weights did move, below the loss's resolution
+    assert any((final[k] != last[k]).any() for k in final)
     assert not (out / "runs").exists()  # --report_to none
