@@ -174,7 +174,16 @@ def main(args):
 
     from utils import speed
     from utils.modeling import compute_dtype, load_model, sharded_engine
-    from utils.training import GracefulStop, MetaCallback, Throughput, Trainer, adapter_meta, finish_run, report_targets
+    from utils.training import (
+        GracefulStop,
+        MetaCallback,
+        Throughput,
+        Trainer,
+        adapter_meta,
+        finish_run,
+        one_gpu_per_process,
+        report_targets,
+    )
     set_seed(args.seed)
     if sharded_engine() and torch.cuda.is_available():
         from accelerate import PartialState
@@ -230,6 +239,7 @@ def main(args):
         greater_is_better=False,
         remove_unused_columns=False, ddp_find_unused_parameters=False, label_names=["labels"],
     )
+    one_gpu_per_process(training_args)
     world = training_args.world_size
     if args.logging_steps is None:
         per_step = world * args.per_device_train_batch_size * args.gradient_accumulation_steps

@@ -283,3 +283,16 @@ def test_merge_refuses_the_base_models_own_folder_and_a_non_empty_target(tmp_pat
         merge_lora.main(args)
     assert (tmp_path / "taken" / "model.safetensors").read_text() == "precious"
     assert sorted(os.listdir(base)) == ["config.json"]
+
+
+def test_plain_python_on_several_gpus_keeps_the_printed_batch():
+    """The HF Trainer multiplies the micro-batch by the visible GPU count even when it does not replicate a
+    4-bit model; finetune.py keeps one GPU per process, so the effective batch it prints is the one trained."""
+    from transformers import TrainingArguments
+
+    from utils.training import one_gpu_per_process
+    args = TrainingArguments(output_dir="unused", per_device_train_batch_size=4, use_cpu=True, report_to="none")
+    args._n_gpu = 2  # what the Trainer sees on a 2-GPU machine without a launcher
+    assert args.train_batch_size == 8
+    one_gpu_per_process(args)
+    assert args.n_gpu == 1 and args.train_batch_size == 4

@@ -68,6 +68,16 @@ def report_targets(report_to, log=print):
     return "none"
 
 
+def one_gpu_per_process(training_args):
+    """Plain `python finetune.py` on a machine with several GPUs: the model sits on GPU 0 (a 4-bit model cannot
+    be replicated by nn.DataParallel, so the Trainer does not wrap it), yet the Trainer would still multiply the
+    micro-batch by the GPU count, silently doubling the batch and the logged loss on 2 GPUs (seen on 2 H100s).
+    Keep it to one GPU, as the printed effective batch says; torchrun / accelerate use them all."""
+    if training_args.world_size == 1 and training_args.n_gpu > 1:
+        training_args._n_gpu = 1  # the Trainer reads the visible-GPU count from this field only
+    return training_args
+
+
 class GracefulStop(TrainerCallback):
     """SIGTERM or Ctrl-C: finish the current optimizer step, save a normal resumable checkpoint, stop.
 
