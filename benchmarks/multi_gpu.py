@@ -1,7 +1,7 @@
 """Multi-GPU evidence on one host with 2+ GPUs: DDP scaling, FSDP-QLoRA memory, --num_gpus inference.
 
     python benchmarks/multi_gpu.py --out /tmp/mgpu                   # LLaMA-2-7B shape, random weights
-    python benchmarks/multi_gpu.py --out /tmp/mgpu --layers 2 --hidden 256 --intermediate 512 --steps 3  # smoke
+    python benchmarks/multi_gpu.py --out /tmp/mgpu --shape tiny --infer_layers 2 --steps 3 --seq 128  # smoke
 
 Every run goes through the scripts exactly as users launch them (finetune.py under python, torchrun and
 accelerate launch; cli_demo.py), with the same global batch, so the loss curves are comparable:
@@ -15,6 +15,7 @@ peak memory is torch.cuda.max_memory_allocated of each process (the largest over
 """
 
 import argparse
+import copy
 import json
 import os
 import random
@@ -22,47 +23,17 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import common  # first: it puts the project root on sys.path
+
+ROOT = common.ROOT
 
 
-def build_model(folder, layers, hidden, intermediate, vocab=32000, seed=0):
-    """A LLaMA with random weights (std 0.02) and a word-level tokenizer of `vocab` entries, saved as a
-    normal HF folder. Built on the GPU in bf16 when there is one: seconds instead of minutes."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    if os.path.isfile(os.path.join(folder, "config.json")):
-        return folder
-    words = ["<unk>", "<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(vocab - 4)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=max(1, hidden // 128), num_key_value_heads=max(1, hidden // 128),
-                         vocab_size=vocab, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=3, tie_word_embeddings=False)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.02)
-    tmp = folder + ".tmp"
-    model.save_pretrained(tmp, max_shard_size="5GB")
-    fast.save_pretrained(tmp)
-    os.replace(tmp, folder)
-    del model
-    return folder
-
-
-def write_data(path, records, vocab=32000, words=560, seed=0):
+def write_data(path, records, vocab, words=560, seed=0):
     """Alpaca records long enough that every example fills --cutoff_len: no padding in any batch."""
     rng = random.Random(seed)
-    data = [{"instruction": " ".join(f"w{rng.randrange(vocab - 4)}" for _ in range(24)), "input": "",
-             "output": " ".join(f"w{rng.randrange(vocab - 4)}" for _ in range(words))} for _ in range(records)]
+    def text(n):  # words of common.word_tokenizer: w3 ... w{vocab-1}, one token each
+        return " ".join(f"w{rng.randrange(3, vocab)}" for _ in range(n))
+    data = [{"instruction": text(24), "input": "", "output": text(words)} for _ in range(records)]
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f)
     return path
@@ -96,9 +67,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="work folder (model, data, outputs)")
     p.add_argument("--log_dir", default=None, help="logs and results.json, written after each run (default: --out)")
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--intermediate", type=int, default=11008)
+    common.add_shape_args(p)
     p.add_argument("--infer_layers", type=int, default=8, help="layers of the inference check's model")
     p.add_argument("--micro_batch", type=int, default=4, help="examples per GPU per forward pass")
     p.add_argument("--seq", type=int, default=512, help="tokens per example (--cutoff_len)")
@@ -114,34 +83,40 @@ def main():
     print(f"{gpus} GPU(s): {[torch.cuda.get_device_name(i) for i in range(gpus)]}; torch {torch.__version__}",
           flush=True)
     t = time.time()
-    model = build_model(os.path.join(args.out, "model"), args.layers, args.hidden, args.intermediate)
+    config = common.llama_config(args)
+    model = common.build_checkpoint(os.path.join(args.out, "model"), config)
     print(f"model ready in {time.time() - t:.0f} s", flush=True)
     records = args.micro_batch * 2 * args.steps
-    data = write_data(os.path.join(args.out, "data.json"), records)
+    data = write_data(os.path.join(args.out, "data.json"), records, vocab=config.vocab_size)
     train = [os.path.join(ROOT, "finetune.py"), "--base_model", model, "--data_path", data, "--max_steps",
              str(args.steps), "--cutoff_len", str(args.seq), "--per_device_train_batch_size", str(args.micro_batch),
              "--save_steps", "100000", "--logging_steps", "1", "--report_to", "none", "--optim", "adamw_torch",
              "--learning_rate", "1e-4", "--warmup_ratio", "0", "--lora_dropout", "0", "--prompt_template", "alpaca"]
+    launchers = {  # run name -> (command before finetune.py, gradient accumulation)
+        "single": ([sys.executable], 2),
+        "ddp": ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"], 1),
+        "fsdp": ([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                  os.path.join(ROOT, "configs", "accelerate_fsdp_qlora.yaml")], 1),
+        "zero3": ([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   os.path.join(ROOT, "configs", "accelerate_deepspeed_zero3.yaml")], 1),
+    }
     results = {}
-    if "single" in only and run("single", [sys.executable, *train, "--output_dir", os.path.join(args.out, "single"),
-                                           "--gradient_accumulation_steps", "2"], log_dir):
-        results["single"] = summary(os.path.join(args.out, "single"))
-    save(results, log_dir)
-    if "ddp" in only and gpus >= 2 and run("ddp", [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *train,
-            "--output_dir", os.path.join(args.out, "ddp"), "--gradient_accumulation_steps", "1"], log_dir):
-        results["ddp"] = summary(os.path.join(args.out, "ddp"))
-    save(results, log_dir)
-    if "fsdp" in only and gpus >= 2 and run("fsdp", [
-            sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            os.path.join(ROOT, "configs", "accelerate_fsdp_qlora.yaml"), *train,
-            "--output_dir", os.path.join(args.out, "fsdp"), "--gradient_accumulation_steps", "1"], log_dir):
-        results["fsdp"] = summary(os.path.join(args.out, "fsdp"))
-    save(results, log_dir)
+
+    def train_run(name):
+        launcher, accumulation = launchers[name]
+        if name in only and (name == "single" or gpus >= 2) and run(name, [
+                *launcher, *train, "--output_dir", os.path.join(args.out, name),
+                "--gradient_accumulation_steps", str(accumulation)], log_dir):
+            results[name] = summary(os.path.join(args.out, name))
+        save(results, log_dir)
+
+    for name in ("single", "ddp", "fsdp"):
+        train_run(name)
 
     if "infer" in only and gpus >= 2:
-        small = build_model(os.path.join(args.out, "infer_model"), args.infer_layers, args.hidden,
-                            args.intermediate, seed=1)
+        small_config = copy.deepcopy(config)
+        small_config.num_hidden_layers = args.infer_layers
+        small = common.build_checkpoint(os.path.join(args.out, "infer_model"), small_config)
         prompt = " ".join(f"w{i * 7 + 11}" for i in range(40)) + "\n"
         for bits in (16, 4):
             for n in (1, 2):
@@ -157,12 +132,7 @@ def main():
                 print(f"[{name}] exit {proc.returncode}: {str(results[name]['reply'])[:100]}", flush=True)
                 save(results, log_dir)
 
-    if "zero3" in only and gpus >= 2 and run("zero3", [
-            sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            os.path.join(ROOT, "configs", "accelerate_deepspeed_zero3.yaml"), *train,
-            "--output_dir", os.path.join(args.out, "zero3"), "--gradient_accumulation_steps", "1"], log_dir):
-        results["zero3"] = summary(os.path.join(args.out, "zero3"))
-    save(results, log_dir)
+    train_run("zero3")  # last: the optional DeepSpeed run
 
     print("\n| run | processes x micro-batch x accumulation | tokens/s | peak GiB / GPU | losses (first, last) |")
     print("|---|---|---|---|---|")
