@@ -223,6 +223,9 @@ def main(args):
     dtype = compute_dtype()
     ckpt_flag = "activation_checkpointing" if "activation_checkpointing" in \
         {f.name for f in dataclasses.fields(TrainingArguments)} else "gradient_checkpointing"
+    # packed micro-batches hold no padding at all (and no attention mask): count every token; padded ones count
+    # the attention mask (counting "not the pad id" would miss real tokens equal to it, e.g. <unk> as pad)
+    tokens_seen = "all" if speedups and speedups.packing else "non_padding"
     training_args = TrainingArguments(
         output_dir=args.output_dir, per_device_train_batch_size=args.per_device_train_batch_size,
         per_device_eval_batch_size=args.per_device_train_batch_size,
@@ -234,7 +237,7 @@ def main(args):
         logging_steps=args.logging_steps or 10, save_strategy="steps", save_steps=args.save_steps,
         save_total_limit=None, eval_strategy="steps" if val_set else "no",
         eval_steps=args.eval_steps or args.save_steps, seed=args.seed, data_seed=args.seed,
-        report_to=report_targets(args.report_to, log), include_num_input_tokens_seen="non_padding",
+        report_to=report_targets(args.report_to, log), include_num_input_tokens_seen=tokens_seen,
         load_best_model_at_end=bool(args.early_stopping_patience), metric_for_best_model="eval_loss",
         greater_is_better=False,
         remove_unused_columns=False, ddp_find_unused_parameters=False, label_names=["labels"],

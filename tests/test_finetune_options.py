@@ -73,3 +73,20 @@ def test_early_stopping_keeps_the_best_checkpoint(tiny_llama_dir, tmp_path):
     assert final.keys() == kept.keys() and all((final[k] == kept[k]).all() for k in final)
     assert any((final[k] != last[k]).any() for k in final)
     assert not (out / "runs").exists()  # --report_to none
+
+
+def test_tokens_seen_counts_every_real_token(tiny_llama_dir, tmp_path):
+    """Every example is cut to --cutoff_len 128, so 3 steps x 2 x 2 examples are exactly 1,536 real tokens, on
+    the packed path (no padding, no attention mask) and the padded one alike. The text holds the pad token
+    itself ("<|endoftext|>", id 0 for this tokenizer, as "<unk>" is for tokenizers padded with it): real tokens
+    equal to the pad id must count too."""
+    records = [{"instruction": f"Repeat {i}.", "output": " ".join(["<|endoftext|> word"] * 200)}
+               for i in range(12)]
+    data = tmp_path / "long.json"
+    data.write_text(json.dumps(records), encoding="utf-8")
+    for flag in ("--speedups", "--no-speedups"):
+        out = tmp_path / flag.strip("-")
+        _, summary = finetune(tiny_llama_dir, out, "--data_path", str(data), "--max_steps", "3",
+                              "--gradient_accumulation_steps", "2", "--save_steps", "100", "--report_to", "none",
+                              flag)
+        assert summary["tokens_seen"] == 3 * 2 * 2 * 128, (flag, summary["tokens_seen"])
