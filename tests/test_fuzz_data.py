@@ -120,6 +120,25 @@ def _dumps(obj, rng):
     return json.dumps(obj, ensure_ascii=rng.random() < 0.5, allow_nan=True)
 
 
+def _run_cases(tmp_path, tokenizer, cases, label, tokenize_every):
+    """Write each (file name, bytes) of `cases` and check it; tokenize every `tokenize_every`-th one that loads.
+    Fails with the case number and label that reproduce a crash; asserts both outcomes were reached."""
+    seen = {"ok": 0, "error": 0}
+    for case, (name, content) in enumerate(cases):
+        path = _write(tmp_path, name, content)
+        try:
+            seen[_check_outcome(path, tokenizer if case % tokenize_every == 0 else None)] += 1
+        except Exception as e:  # report the reproducer, then fail
+            raise AssertionError(f"case {case} ({label}, seed {SEED}): {type(e).__name__}: {e}") from e
+    print(f"{label}: {seen}")
+    assert seen["ok"] > 0 and seen["error"] > 0, seen  # the mutations reach both outcomes
+
+
+def _json_file(rng, records, jsonl):
+    content = "\n".join(_dumps(r, rng) for r in records) if jsonl else _dumps(records, rng)
+    return "case.jsonl" if jsonl else "case.json", content.encode("utf-8", "surrogatepass")
+
+
 def test_fixed_corpus_of_bad_files(tmp_path, tiny_tokenizer):
     corpus = {
         "empty.json": b"",
@@ -158,15 +177,8 @@ def test_random_byte_mutations_never_crash(tmp_path, tiny_tokenizer, fmt, suffix
     rng = random.Random(f"{SEED}{fmt}{suffix}")
     seed_file = (json.dumps(SEEDS[fmt], ensure_ascii=False, indent=1) if suffix == ".json"
                  else "\n".join(json.dumps(r, ensure_ascii=False) for r in SEEDS[fmt])).encode("utf-8")
-    seen = {"ok": 0, "error": 0}
-    for case in range(BYTE_CASES // 6):
-        path = _write(tmp_path, f"case{suffix}", _byte_mutation(rng, seed_file))
-        try:
-            seen[_check_outcome(path, tiny_tokenizer if case % 20 == 0 else None)] += 1
-        except Exception as e:  # report the reproducer, then fail
-            raise AssertionError(f"case {case} ({fmt}{suffix}, seed {SEED}): {type(e).__name__}: {e}") from e
-    print(f"byte mutations {fmt}{suffix}: {seen}")
-    assert seen["ok"] > 0 and seen["error"] > 0, seen  # the mutations reach both outcomes
+    cases = ((f"case{suffix}", _byte_mutation(rng, seed_file)) for _ in range(BYTE_CASES // 6))
+    _run_cases(tmp_path, tiny_tokenizer, cases, f"byte mutations {fmt}{suffix}", tokenize_every=20)
 
 
 def _turn_mutation(rng, records):
@@ -201,35 +213,25 @@ def _turn_mutation(rng, records):
 
 def test_random_conversation_mutations_never_crash(tmp_path, tiny_tokenizer):
     rng = random.Random(SEED + 1)
-    seen = {"ok": 0, "error": 0}
-    for case in range(JSON_CASES // 2):
-        records = SEEDS[rng.choice(["sharegpt", "messages"])]
-        for _ in range(rng.randint(1, 3)):
-            records = _turn_mutation(rng, records)
-        jsonl = rng.random() < 0.3
-        content = "\n".join(_dumps(r, rng) for r in records) if jsonl else _dumps(records, rng)
-        path = _write(tmp_path, "case.jsonl" if jsonl else "case.json", content.encode("utf-8", "surrogatepass"))
-        try:
-            seen[_check_outcome(path, tiny_tokenizer if case % 10 == 0 else None)] += 1
-        except Exception as e:
-            raise AssertionError(f"case {case} (seed {SEED + 1}): {type(e).__name__}: {e}") from e
-    print(f"conversation mutations: {seen}")
-    assert seen["ok"] > 0 and seen["error"] > 0, seen
+
+    def cases():
+        for _ in range(JSON_CASES // 2):
+            records = SEEDS[rng.choice(["sharegpt", "messages"])]
+            for _ in range(rng.randint(1, 3)):
+                records = _turn_mutation(rng, records)
+            yield _json_file(rng, records, jsonl=rng.random() < 0.3)
+
+    _run_cases(tmp_path, tiny_tokenizer, cases(), "conversation mutations", tokenize_every=10)
 
 
 def test_random_structural_mutations_never_crash(tmp_path, tiny_tokenizer):
     rng = random.Random(SEED)
-    seen = {"ok": 0, "error": 0}
-    for case in range(JSON_CASES):
-        records = VALID
-        for _ in range(rng.randint(1, 3)):
-            records = _json_mutation(rng, records if isinstance(records, list) else [records])
-        jsonl = rng.random() < 0.3 and isinstance(records, list)
-        content = ("\n".join(_dumps(r, rng) for r in records) if jsonl else _dumps(records, rng))
-        path = _write(tmp_path, "case.jsonl" if jsonl else "case.json", content.encode("utf-8", "surrogatepass"))
-        try:
-            seen[_check_outcome(path, tiny_tokenizer if case % 10 == 0 else None)] += 1
-        except Exception as e:
-            raise AssertionError(f"case {case} (seed {SEED}): {type(e).__name__}: {e}") from e
-    print(f"structural mutations: {seen}")
-    assert seen["ok"] > 0 and seen["error"] > 0, seen
+
+    def cases():
+        for _ in range(JSON_CASES):
+            records = VALID
+            for _ in range(rng.randint(1, 3)):
+                records = _json_mutation(rng, records if isinstance(records, list) else [records])
+            yield _json_file(rng, records, jsonl=rng.random() < 0.3 and isinstance(records, list))
+
+    _run_cases(tmp_path, tiny_tokenizer, cases(), "structural mutations", tokenize_every=10)
