@@ -69,8 +69,9 @@ def parse_args(argv=None):
                    help="optimizer name as the HF Trainer spells it; auto = paged_adamw_32bit on GPU, "
                         "adamw_torch on CPU")
     add_bool(g, "--gradient_checkpointing", True, "recompute activations in the backward pass to save memory")
-    add_bool(g, "--speedups", True, "fused LoRA / RMSNorm / SwiGLU kernels, a chunked loss on labelled tokens and "
-             "packed micro-batches (utils/speed.py, measured in BENCHMARKS.md); --no-speedups = plain peft recipe")
+    add_bool(g, "--speedups", True, "each decoder layer as one compiled function (fused LoRA over NF4, RMSNorm, "
+             "SwiGLU; checkpointed inputs kept in CPU memory), a chunked loss on labelled tokens and packed "
+             "micro-batches (utils/speed.py, utils/fused_layer.py; BENCHMARKS.md); --no-speedups = plain peft recipe")
     g.add_argument("--logging_steps", type=int, default=None,
                    help="log the loss every N optimizer steps (default: 10, or fewer so a short run logs >= 10 "
                         "points)")

@@ -48,6 +48,10 @@ def parse_args(argv=None):
     g.add_argument("--real", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the real-length (Alpaca-like) comparison, checkpointing on")
     g.add_argument("--plain_dropouts", default="0.05,0", help="LoRA dropouts the plain stack runs with")
+    g.add_argument("--loss_steps", type=int, default=20, help="steps of the loss-curve check: plain (dropout 0) and "
+                   "ours from the same adapter init on the same batches, checkpointing on; 0 = skip")
+    g.add_argument("--park", choices=["on", "off", "both"], default="on",
+                   help="ours: checkpointed layer inputs parked in CPU memory (the default) or kept on the GPU")
     g.add_argument("--workdir", default=None, help="where the random checkpoint is saved (default: /dev/shm or /tmp)")
     g.add_argument("--unsloth_site", default="/tmp/uns", help="folder with unsloth's packages, put first on its "
                                                                "PYTHONPATH (skipped when unsloth is not there)")
@@ -85,7 +89,11 @@ def set_plain_dropout(model, p):
                 m.lora_dropout[name] = nn.Dropout(p) if p > 0 else nn.Identity()
 
 
-def load_ours(path, args):
+def ours_name(park):
+    return "ours" if park else "ours (inputs kept on GPU)"
+
+
+def load_ours(path, args, park=True):
     from peft import get_peft_model
 
     from utils import speed
@@ -95,7 +103,7 @@ def load_ours(path, args):
     model = get_peft_model(model, speed.lora_config(4, r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
                                                     target_modules="all-linear", bias="none",
                                                     task_type="CAUSAL_LM"))
-    return model, speed.TrainingSpeedups(model)
+    return model, speed.TrainingSpeedups(model, park_inputs=park)
 
 
 def set_checkpointing(model, on):
@@ -129,6 +137,21 @@ def timed(step, batches, args):
     return {"tokens_per_s": tokens / seconds, "peak_gib": peak_gib(), "step_s": seconds / steps, "steps": steps}
 
 
+def loss_curve(model, step, batches, args):
+    """Losses of args.loss_steps optimizer steps from one fixed adapter init (A seeded by parameter name order,
+    B = 0, as peft initializes it), so plain and ours can be compared step by step."""
+    g = torch.Generator().manual_seed(1234)
+    for name, p in sorted(model.named_parameters()):
+        if p.requires_grad:
+            with torch.no_grad():
+                a = torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5
+                p.copy_((torch.zeros(p.shape) if "lora_B" in name else a).to(p.dtype))
+    losses = []
+    for b in batches[:args.loss_steps]:
+        step(b, losses)
+    return [round(x, 5) for x in losses]
+
+
 def profile(step, batch, name):
     """Two steps under torch.profiler: the kernels that take the GPU time, and the step's CPU time."""
     from torch.profiler import ProfilerActivity
@@ -145,9 +168,9 @@ def profile(step, batch, name):
           flush=True)
 
 
-def fixed_batches(args, vocab):
+def fixed_batches(args, vocab, n=None):
     g = torch.Generator().manual_seed(1)
-    return [torch.randint(3, vocab, (args.batch, args.seq), generator=g) for _ in range(args.warmup + args.steps)]
+    return [torch.randint(3, vocab, (args.batch, args.seq), generator=g) for _ in range(n or args.warmup + args.steps)]
 
 
 def real_batches(args, vocab, rows_per_step):
@@ -161,13 +184,15 @@ def run_plain(path, args, config):
     model = load_plain(path, args)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
 
-    def step(ids_or_batch):
+    def step(ids_or_batch, losses=None):
         batch = ids_or_batch if isinstance(ids_or_batch, dict) else \
             {"input_ids": ids_or_batch, "labels": ids_or_batch}
         batch = {k: v.to(model.device) for k, v in batch.items()}
         with autocast():
             loss = model(**batch).loss
         loss.backward()
+        if losses is not None:
+            losses.append(loss.item())
         opt.step()
         opt.zero_grad(set_to_none=True)
         mask = batch.get("attention_mask")
@@ -182,6 +207,12 @@ def run_plain(path, args, config):
             emit(dict(stack="plain", data="fixed", ckpt=ckpt, dropout=p, **res))
             if args.profile and ckpt and p == dropouts[0]:
                 profile(step, fixed_batches(args, config.vocab_size)[0], f"plain, checkpointing on, dropout {p}")
+    if args.loss_steps:
+        set_checkpointing(model, True)
+        set_plain_dropout(model, 0.0)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+        batches = fixed_batches(args, config.vocab_size, args.loss_steps)
+        emit(dict(stack="plain", data="losses", losses=loss_curve(model, step, batches, args)))
     if args.real:
         from utils.data import pad_collate
 
@@ -202,16 +233,16 @@ def run_plain(path, args, config):
                   lengths=stats, **res))
 
 
-def run_ours(path, args, config):
+def run_ours(path, args, config, park):
     from utils.speed import packed_collate
-    model, sp = load_ours(path, args)
+    model, sp = load_ours(path, args, park)
     print(sp.describe(), flush=True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4,
                             fused=torch.cuda.is_available())
     collate = packed_collate(row_tokens=args.seq, logits_to_keep=1 if sp.loss_func else None)
     dev = model.get_input_embeddings().weight.device
 
-    def step(examples):
+    def step(examples, losses=None):
         batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in collate(examples).items()}
         labels = batch.pop("labels") if sp.loss_func else None
         with autocast():
@@ -221,6 +252,8 @@ def run_ours(path, args, config):
         else:
             loss = out.loss
         loss.backward()
+        if losses is not None:
+            losses.append(loss.item())
         opt.step()
         opt.zero_grad(set_to_none=True)
         return sum(len(e["input_ids"]) for e in examples)
@@ -231,9 +264,15 @@ def run_ours(path, args, config):
     for ckpt in ckpt_settings(args):
         set_checkpointing(model, ckpt)
         batches = [as_examples(ids) for ids in fixed_batches(args, config.vocab_size)]
-        emit(dict(stack="ours", data="fixed", ckpt=ckpt, dropout=0.0, **timed(step, batches, args)))
+        emit(dict(stack=ours_name(park), data="fixed", ckpt=ckpt, dropout=0.0, **timed(step, batches, args)))
         if args.profile and ckpt:
-            profile(step, batches[0], "ours, checkpointing on")
+            profile(step, batches[0], f"{ours_name(park)}, checkpointing on")
+    if args.loss_steps and park:
+        set_checkpointing(model, True)
+        batches = [as_examples(ids) for ids in fixed_batches(args, config.vocab_size, args.loss_steps)]
+        emit(dict(stack="ours", data="losses", losses=loss_curve(model, step, batches, args)))
+    if not park:
+        return
     if args.real:
         set_checkpointing(model, True)
         examples, stats = real_batches(args, config.vocab_size, args.batch)
@@ -288,8 +327,8 @@ def worker(args):
     torch.manual_seed(0)
     if args.worker == "plain":
         run_plain(path, args, config)
-    elif args.worker == "ours":
-        run_ours(path, args, config)
+    elif args.worker in ("ours", "ours-nopark"):
+        run_ours(path, args, config, park=args.worker == "ours")
     else:
         run_unsloth(path, args, config, ckpt=args.worker == "unsloth-ckpt")
     gc.collect()
@@ -330,15 +369,26 @@ def unsloth_available(site):
 
 
 def table(results, args):
-    base = {(r["data"], r["ckpt"]): r for r in results if r["stack"] == "plain" and r["dropout"] > 0}
-    rows = ["| stack | data | checkpointing | LoRA dropout | tokens/s | peak GiB | vs plain (same data and ckpt) |",
-            "|---|---|---|---|---|---|---|"]
-    for r in results:
-        b = base.get((r["data"], r["ckpt"]))
-        ratio = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b else "-"
+    timed_rows = [r for r in results if r["data"] != "losses"]
+    base = {(r["data"], r["ckpt"], r["dropout"] > 0): r for r in timed_rows if r["stack"] == "plain"}
+    rows = ["| stack | data | checkpointing | LoRA dropout | tokens/s | peak GiB | vs plain, dropout 0.05 | "
+            "vs plain, dropout 0 |", "|---|---|---|---|---|---|---|---|"]
+    for r in timed_rows:
+        ratios = []
+        for with_dropout in (True, False):
+            b = base.get((r["data"], r["ckpt"], with_dropout))
+            ratios.append(f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b else "-")
         kind = f"{args.batch}x{args.seq} random" if r["data"] == "fixed" else "Alpaca-like, real tokens"
         rows.append(f"| {r['stack']} | {kind} | {'on' if r['ckpt'] else 'off'} | {r['dropout']} | "
-                    f"{r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | {ratio} |")
+                    f"{r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | {' | '.join(ratios)} |")
+    curves = {r["stack"]: r["losses"] for r in results if r["data"] == "losses"}
+    if len(curves) == 2:
+        plain, ours = curves["plain"], curves["ours"]
+        diffs = [abs(a - b) for a, b in zip(plain, ours)]
+        relative = max(d / abs(a) for d, a in zip(diffs, plain))
+        rows += ["", f"Loss check ({len(diffs)} steps from the same adapter init, same batches, checkpointing on; "
+                 "plain dropout 0 vs ours):", f"  plain: {plain}", f"  ours:  {ours}",
+                 f"  largest difference {max(diffs):.4f} (relative {relative:.2e})"]
     return "\n".join(rows)
 
 
@@ -358,6 +408,9 @@ def main(args, argv):
                 continue
             for ckpt in ckpt_settings(args):
                 results += spawn("unsloth-ckpt" if ckpt else "unsloth-nockpt", args, argv)
+        elif stack == "ours":
+            for park in {"on": [True], "off": [False], "both": [True, False]}[args.park]:
+                results += spawn("ours" if park else "ours-nopark", args, argv)
         else:
             results += spawn(stack, args, argv)
         if args.json:  # after every stack, so a run cut short keeps what it measured

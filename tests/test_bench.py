@@ -20,22 +20,28 @@ def checkpoint(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("stack", ["plain", "ours"])
-def test_train_benchmark_worker_reports_throughput(checkpoint, stack, capsys):
+def test_train_benchmark_workers_report_throughput_and_the_same_losses(checkpoint, capsys):
     import json
 
     import bench_train
-    args = bench_train.parse_args(TINY + ["--steps", "1", "--warmup", "1", "--batch", "2", "--seq", "32",
-                                          "--ckpt", "on", "--plain_dropouts", "0.05", "--worker", stack,
-                                          "--workdir", checkpoint])
-    bench_train.main(args, [])
-    results = [json.loads(line[7:]) for line in capsys.readouterr().out.splitlines() if line.startswith("RESULT ")]
-    assert [r["data"] for r in results] == ["fixed", "real"]
-    for r in results:
-        assert r["stack"] == stack and r["tokens_per_s"] > 0 and r["steps"] == 1 and r["ckpt"] is True
-    assert 0 < results[1]["lengths"]["mean"] <= 32
+    results = []
+    for stack in ("plain", "ours"):
+        args = bench_train.parse_args(TINY + ["--steps", "1", "--warmup", "1", "--batch", "2", "--seq", "32",
+                                              "--ckpt", "on", "--plain_dropouts", "0.05", "--loss_steps", "3",
+                                              "--worker", stack, "--workdir", checkpoint])
+        bench_train.main(args, [])
+        mine = [json.loads(line[7:]) for line in capsys.readouterr().out.splitlines() if line.startswith("RESULT ")]
+        assert [r["data"] for r in mine] == ["fixed", "losses", "real"]
+        for r in mine[::2]:
+            assert r["stack"] == stack and r["tokens_per_s"] > 0 and r["steps"] == 1 and r["ckpt"] is True
+        assert 0 < mine[2]["lengths"]["mean"] <= 32
+        results += mine
+    plain, ours = (r["losses"] for r in results if r["data"] == "losses")
+    assert len(plain) == len(ours) == 3 and plain[-1] < plain[0]  # it trains
+    assert ours == pytest.approx(plain, rel=1e-3)  # same init, same batches: the same curve
     table = bench_train.table(results, args)
-    assert table.count("\n") == 3 and f"| {stack} | 2x32 random | on |" in table
+    assert "| ours | 2x32 random | on |" in table and "| plain | 2x32 random | on | 0.05 |" in table
+    assert "Loss check (3 steps" in table
 
 
 def test_decode_benchmark_matches_generate_on_cpu():

@@ -81,7 +81,7 @@ def test_fused_qlora_step_matches_plain_recipe_on_gpu(tmp_path):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             if fused:
                 sp = speed.TrainingSpeedups(model)
-                assert sp.norms == 7 and sp.mlps == 3 and sp.fused_lora == 21
+                assert sp.norms == 7 and sp.mlps == 3 and sp.fused_lora == 21 and sp.layers == 3 and sp.park_inputs
                 batch = sp.collator(None)([{"input_ids": r, "labels": r} for r in ids.tolist()])
                 labels = batch.pop("labels").cuda()
                 out = model(**{k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()})
@@ -89,6 +89,9 @@ def test_fused_qlora_step_matches_plain_recipe_on_gpu(tmp_path):
             else:
                 loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
+        if fused:
+            from utils.fused_layer import run_layer
+            assert run_layer.ok  # the decoder layers ran compiled, not the eager fallback
         grads = torch.cat([p.grad.float().flatten() for n, p in sorted(model.named_parameters()) if p.requires_grad])
         results[fused] = loss.item(), grads
     (l0, g0), (l1, g1) = results[False], results[True]

@@ -1,0 +1,154 @@
+"""utils/fused_layer.py on the CPU: the whole-layer function computes what the plain peft model computes.
+
+Each test trains one step (loss and every adapter gradient) with the original decoder layers and with
+FastDecoderLayer, on 16-bit and NF4 bases (double quantization included), with grouped-query attention, packed
+rows (block-diagonal mask) and padded batches, with and without gradient checkpointing.
+"""
+
+import pytest
+import torch
+from peft import get_peft_model, get_peft_model_state_dict
+
+from utils import fused_layer, speed
+from utils.data import pad_collate
+
+EXAMPLES = [(20, 8), (33, 5), (9, 4), (16, 15)]  # (tokens, prompt tokens)
+
+
+class _Pad:
+    pad_token_id = 0
+
+
+def _examples(vocab=300, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n, prompt in EXAMPLES:
+        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "attention_mask": [1] * n, "labels": [-100] * prompt + ids[prompt:]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def gqa_folder(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    folder = tmp_path_factory.mktemp("fused-layer-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return str(folder)
+
+
+def _load(folder, bits, targets="all-linear", attn="sdpa", double_quant=True):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    quant = None
+    if bits == 4:
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                                   bnb_4bit_use_double_quant=double_quant)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map={"": "cpu"},
+                                                 quantization_config=quant, attn_implementation=attn)
+    speed.prepare_model(model)
+    torch.manual_seed(0)  # the same non-zero adapter either way: a test that compares zeros cannot fail
+    config = speed.lora_config(bits, r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
+                               task_type="CAUSAL_LM", init_lora_weights=False)
+    return get_peft_model(model, config).train()
+
+
+def _step(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same(ref, got, tol=1e-4):
+    (l0, g0), (l1, g1) = ref, got
+    assert abs(l0 - l1) < tol * max(1.0, abs(l0))
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for k in g0:
+        assert g0[k].abs().max() > 0, k
+        assert torch.allclose(g0[k], g1[k], rtol=tol, atol=tol * g0[k].abs().max()), k
+
+
+@pytest.mark.parametrize("bits,targets,double_quant", [(16, "all-linear", True), (4, "all-linear", True),
+                                                        (4, "q_proj,v_proj", False)])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fused_layers_train_like_peft(gqa_folder, bits, targets, double_quant, checkpointing):
+    if bits == 4:
+        pytest.importorskip("bitsandbytes")
+    targets = targets if targets == "all-linear" else targets.split(",")
+    batches = {"padded": dict(pad_collate(_Pad())(_examples()), use_cache=False),  # no KV cache in training
+               "packed": speed.packed_collate()(_examples())}
+    model = _load(gqa_folder, bits, targets, double_quant=double_quant)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref = {name: _step(model, b) for name, b in batches.items()}
+    names = sorted(get_peft_model_state_dict(model))
+    assert fused_layer.fuse_decoder_layers(model) == 2
+    layers = model.base_model.model.model.layers
+    assert all(isinstance(layer, fused_layer.FastDecoderLayer) for layer in layers)
+    assert all(layer.gradient_checkpointing == checkpointing for layer in layers)
+    calls = []
+    real = fused_layer.decoder_layer
+    fused_layer.decoder_layer = lambda *a: calls.append(1) or real(*a)
+    try:
+        got = {name: _step(model, b) for name, b in batches.items()}
+    finally:
+        fused_layer.decoder_layer = real
+    assert len(calls) == 2 * len(batches) * (2 if checkpointing else 1)  # the fused path ran (and recomputed)
+    for name in batches:
+        _assert_same(ref[name], got[name])
+    assert sorted(get_peft_model_state_dict(model)) == names  # same adapter files
+
+
+def test_layers_fall_back_where_the_fused_function_does_not_apply(gqa_folder):
+    model = _load(gqa_folder, 16)
+    assert fused_layer.fuse_decoder_layers(model) == 2
+    layer = model.base_model.model.model.layers[0]
+    q = layer.self_attn.q_proj
+    assert fused_layer.projection_args(q) is not None
+    q.lora_dropout["default"] = torch.nn.Dropout(0.1)  # peft's dropout: only its own forward applies it
+    assert fused_layer.projection_args(q) is None
+    q.lora_dropout["default"] = torch.nn.Identity()
+    h = torch.zeros(1, 3, 128)
+    cos_sin = (torch.ones(1, 3, 32), torch.zeros(1, 3, 32))
+    assert layer.fused_args(h, None, cos_sin, {}) is not None
+    assert layer.fused_args(h, None, cos_sin, {"past_key_values": object()}) is None  # generation with a cache
+    assert layer.fused_args(h, None, None, {}) is None
+    with model.disable_adapter():
+        assert layer.fused_args(h, None, cos_sin, {}) is None
+
+
+def test_generation_through_fused_layers_equals_the_original(gqa_folder):
+    model = _load(gqa_folder, 4).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        before = model.generate(input_ids=ids, **kwargs)
+        model.train()
+        fused_layer.fuse_decoder_layers(model)
+        model.eval()
+        after = model.generate(input_ids=ids, **kwargs)
+    assert torch.equal(before, after)
+
+
+def test_parked_inputs_come_back_on_their_device():
+    h = torch.randn(2, 3)
+    assert fused_layer.offload.fetch(fused_layer.offload.park(h), h.device) is h  # the CPU keeps its own
+
+
+def test_layers_are_checked_before_they_are_replaced(gqa_folder):
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    model = speed.prepare_model(AutoModelForCausalLM.from_pretrained(gqa_folder, dtype=torch.bfloat16))
+    assert fused_layer.fuse_decoder_layers(model) == 2  # bf16 rounding passes the check
+
+    class Scaled(LlamaDecoderLayer):  # a LLaMA-shaped layer that computes something else
+        def forward(self, hidden_states, **kwargs):
+            return super().forward(hidden_states, **kwargs) * 1.05
+
+    model = speed.prepare_model(AutoModelForCausalLM.from_pretrained(gqa_folder, dtype=torch.bfloat16))
+    model.model.layers[1].__class__ = Scaled
+    assert fused_layer.fuse_decoder_layers(model) == 1
+    assert isinstance(model.model.layers[0], fused_layer.FastDecoderLayer) and type(model.model.layers[1]) is Scaled

@@ -1,0 +1,359 @@
+"""One compiled function per LLaMA decoder layer, for training (part of `--speedups`, figures in BENCHMARKS.md).
+
+The fused LoRA layers of utils/speed.py already do the arithmetic of a LoRA step with few kernels, but each
+projection still goes through peft's module, its hooks and a Python autograd function, and a 7B step launches
+~6,000 kernels that way: the GPU waited for the CPU for a third of the step. Here the whole decoder layer
+(norms, the seven LoRA projections over their NF4 or dense weights, RoPE, attention, SwiGLU, residuals) is one
+function of plain tensors, compiled once by torch.compile on CUDA and shared by every layer; elsewhere it runs
+eagerly, so CPU tests run the same code.
+
+- Each projection is one autograd function: y = x W^T + b + s (x A^T) B^T. It saves x and x A^T, never the
+  dequantized W, and dequantizes again in the backward pass (bitsandbytes' own ops, so the weights read exactly
+  as bitsandbytes reads them).
+- With gradient checkpointing, a layer keeps only its input for the backward pass, and on a CUDA GPU that
+  input waits in pinned CPU memory (copied on a side stream), so checkpointing holds ~0 GPU memory per layer.
+  The backward pass copies it back, recomputes the layer and returns the adapter gradients as ordinary autograd
+  outputs (no nested .backward(), so DDP's gradient hooks see them as usual).
+
+FastDecoderLayer keeps the same child modules under the same names as the layer it replaces, so state dicts,
+adapter files and peft's calls are unchanged. It runs the fused function only when that computes what the
+original layer would (no KV cache, sdpa or eager attention, one plain LoRA adapter without dropout, weights
+this module can read); otherwise it calls the original layer's forward.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.speed import _FusedLoraMixin, _rms_norm, _rope, _say_once, _silu_mul, compile_available
+
+# ---------------------------------------------------------------------------------------------------------
+# One projection: base weight (NF4 or dense) + optional LoRA adapter
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _weight(kind, dtype, shape, blocksize, quant_type, w, absmax, absmax2, code2, offset, blocksize2):
+    """The (out, in) weight in `dtype`. kind 'dense': w itself; 'nf4': bitsandbytes' packed 4-bit layout,
+    with double quantization when absmax2 is given (absmax is then uint8 with its own fp32 scales)."""
+    if kind == "dense":
+        return w if w.dtype == dtype else w.to(dtype)
+    if absmax2 is not None:
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(absmax, absmax2, code2, blocksize2,
+                                                                     torch.float32) + offset
+    return torch.ops.bitsandbytes.dequantize_4bit.default(w, absmax, blocksize, quant_type, shape, dtype)
+
+
+class _Projection(torch.autograd.Function):
+    """x W^T + b + s (x A^T) B^T; `spec` = (kind, shape, blocksize, quant_type, blocksize2) are constants."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, bias, scale, spec, w, absmax, absmax2, code2, offset):
+        kind, shape, blocksize, quant_type, blocksize2 = spec
+        dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        weight = _weight(kind, dtype, shape, blocksize, quant_type, w, absmax, absmax2, code2, offset, blocksize2)
+        out = F.linear(x2, weight, None if bias is None else bias.to(dtype))
+        xa = None
+        if a is not None:
+            xa = x2 @ a.to(dtype).t()
+            out = torch.addmm(out, xa, b.to(dtype).t(), alpha=scale)
+        ctx.save_for_backward(x2, xa, a, b, w, absmax, absmax2, code2, offset)
+        ctx.scale, ctx.spec = scale, spec
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, xa, a, b, w, absmax, absmax2, code2, offset = ctx.saved_tensors
+        kind, shape, blocksize, quant_type, blocksize2 = ctx.spec
+        dtype = x2.dtype
+        g = grad.reshape(-1, grad.shape[-1]).to(dtype)
+        weight = _weight(kind, dtype, shape, blocksize, quant_type, w, absmax, absmax2, code2, offset, blocksize2)
+        dx = g @ weight
+        da = db = None
+        if a is not None:
+            gb = g @ b.to(dtype)  # (tokens, r)
+            dx = torch.addmm(dx, gb, a.to(dtype), alpha=ctx.scale)
+            da = (gb.t() @ x2).mul(ctx.scale).to(a.dtype)
+            db = (g.t() @ xa).mul(ctx.scale).to(b.dtype)
+        dx = dx.view(*grad.shape[:-1], dx.shape[-1])
+        return dx, da, db, None, None, None, None, None, None, None, None
+
+
+def _project(x, p):
+    return _Projection.apply(x, *p)
+
+
+def projection_args(module):
+    """The arguments of _Projection for `module` (a fused LoRA layer of utils/speed.py, a bitsandbytes Linear4bit
+    or an nn.Linear), or None when this module cannot compute it exactly (then the original layer runs)."""
+    a = b = None
+    scale = 1.0
+    if isinstance(module, _FusedLoraMixin):
+        name = module._fused_adapter((), {})
+        if name is None:
+            return None
+        a, b, scale = module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]
+        module = module.get_base_layer()
+    elif hasattr(module, "base_layer"):  # a peft layer of another kind (DoRA, 8-bit, dropout): peft's forward
+        return None
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.requires_grad:
+        return None
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        if type(module) is not nn.Linear or weight.dim() != 2:
+            return None
+        spec, tensors = ("dense", None, None, None, None), (weight, None, None, None, None)
+    else:
+        if weight.dtype != torch.uint8 or getattr(state, "packing_format_for_cpu", False) \
+                or state.quant_type not in ("nf4", "fp4"):
+            return None  # FSDP's float storage, bitsandbytes' CPU inference layout, ...
+        shape = [int(s) for s in state.shape]
+        if state.nested:
+            s2 = state.state2
+            spec = ("nf4", shape, state.blocksize, state.quant_type, s2.blocksize)
+            tensors = (weight, state.absmax, s2.absmax, s2.code, state.offset)
+        else:
+            spec = ("nf4", shape, state.blocksize, state.quant_type, None)
+            tensors = (weight, state.absmax, None, None, None)
+    return (a, b, module.bias, float(scale), spec, *tensors)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The decoder layer as one function
+# ---------------------------------------------------------------------------------------------------------
+
+def decoder_layer(h, cos, sin, mask, norm1, norm2, consts, q, k, v, o, gate, up, down):
+    """LlamaDecoderLayer.forward without a cache: pre-norm attention and SwiGLU MLP, each with a residual."""
+    n_heads, n_kv, head_dim, scaling, eps1, eps2 = consts
+    batch, seq = h.shape[:2]
+    x = _rms_norm(h, norm1, eps1)
+    qs = _project(x, q).view(batch, seq, n_heads, head_dim).transpose(1, 2)
+    ks = _project(x, k).view(batch, seq, n_kv, head_dim).transpose(1, 2)
+    vs = _project(x, v).view(batch, seq, n_kv, head_dim).transpose(1, 2)
+    qs, ks = _rope(qs, ks, cos, sin)
+    if n_kv != n_heads:  # grouped-query attention: each key/value head serves n_heads / n_kv query heads
+        rep = n_heads // n_kv
+        ks = ks[:, :, None].expand(batch, n_kv, rep, seq, head_dim).reshape(batch, n_heads, seq, head_dim)
+        vs = vs[:, :, None].expand(batch, n_kv, rep, seq, head_dim).reshape(batch, n_heads, seq, head_dim)
+    attn = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None and seq > 1,
+                                          scale=scaling)
+    h = h + _project(attn.transpose(1, 2).reshape(batch, seq, n_heads * head_dim), o)
+    x = _rms_norm(h, norm2, eps2)
+    return h + _project(_silu_mul(_project(x, gate), _project(x, up)), down)
+
+
+class _Compiled:
+    """decoder_layer compiled once for CUDA inputs when compile_available(), else run eagerly; a compiler
+    failure is reported once and the eager function is used from then on."""
+
+    def __init__(self):
+        self.compiled, self.ok = None, None
+
+    def __call__(self, *args):
+        if not args[0].is_cuda or self.ok is False:
+            return decoder_layer(*args)
+        if self.ok is None:
+            if not compile_available():
+                self.ok = False
+                return decoder_layer(*args)
+            try:
+                self.compiled = torch.compile(decoder_layer)
+                out = self.compiled(*args)
+            except Exception as e:  # the eager function computes the same thing
+                self.ok = False
+                _say_once(f"note: torch.compile of the decoder layer failed ({type(e).__name__}: {e}); "
+                          "running it eagerly")
+                return decoder_layer(*args)
+            self.ok = True
+            return out
+        return self.compiled(*args)
+
+
+run_layer = _Compiled()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpointing with the layer input parked in CPU memory
+# ---------------------------------------------------------------------------------------------------------
+
+class _Offload:
+    """Copies of layer inputs to pinned CPU memory on a side stream, and back. On the CPU: kept as they are."""
+
+    def __init__(self):
+        self.stream = None
+
+    def park(self, h):
+        if not h.is_cuda:
+            return h
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(h.device)
+        main = torch.cuda.current_stream(h.device)
+        cpu = torch.empty(h.shape, dtype=h.dtype, pin_memory=True)
+        self.stream.wait_stream(main)  # h is complete
+        with torch.cuda.stream(self.stream):
+            cpu.copy_(h, non_blocking=True)
+        h.record_stream(self.stream)  # its memory is not reused before the copy has read it
+        return cpu
+
+    def fetch(self, parked, device):
+        if parked.device == device:
+            return parked
+        torch.cuda.current_stream(device).wait_stream(self.stream)
+        return parked.to(device, non_blocking=True)
+
+
+offload = _Offload()
+
+
+class _CheckpointedLayer(torch.autograd.Function):
+    """Forward without keeping activations; backward recomputes the layer from its (parked) input and returns the
+    gradients of the input and of the trainable tensors, like any autograd function."""
+
+    @staticmethod
+    def forward(ctx, layer_args, park, h, *trainable):
+        with torch.no_grad():
+            out = run_layer(h, *layer_args)
+        ctx.layer_args, ctx.device = layer_args, h.device
+        ctx.parked = offload.park(h) if park else h
+        ctx.trainable = trainable  # parameters: alive anyway, and autograd.grad needs these very tensors
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        trainable = ctx.trainable
+        h = offload.fetch(ctx.parked, ctx.device).detach().requires_grad_(ctx.needs_input_grad[2])
+        ctx.parked = ctx.trainable = None
+        with torch.enable_grad():
+            out = run_layer(h, *ctx.layer_args)
+        wanted = ([h] if h.requires_grad else []) + [t for t in trainable if t.requires_grad]
+        grads = list(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+        dh = grads.pop(0) if h.requires_grad else None
+        dtrain = [grads.pop(0) if t.requires_grad else None for t in trainable]
+        return (None, None, dh, *dtrain)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The module
+# ---------------------------------------------------------------------------------------------------------
+
+PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+               ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+
+
+class FastDecoderLayer(nn.Module):
+    """Same children (self_attn, mlp, input_layernorm, post_attention_layernorm) as the layer it replaces; its
+    forward runs decoder_layer when that is exact here, else the original layer's forward."""
+
+    def __init__(self, layer, park_inputs=True):
+        super().__init__()
+        self.self_attn, self.mlp = layer.self_attn, layer.mlp
+        self.input_layernorm, self.post_attention_layernorm = layer.input_layernorm, layer.post_attention_layernorm
+        self._original = [layer]  # in a list: not a child, so no second copy in the state dict
+        self.gradient_checkpointing = getattr(layer, "gradient_checkpointing", False)  # set by transformers
+        self.park_inputs = park_inputs
+        attn = layer.self_attn
+        self.consts = (attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim,
+                       float(attn.scaling), float(self.input_layernorm.variance_epsilon),
+                       float(self.post_attention_layernorm.variance_epsilon))
+
+    def original_forward(self, *args, **kwargs):
+        return type(self._original[0]).forward(self._original[0], *args, **kwargs)
+
+    def fused_args(self, hidden_states, attention_mask, position_embeddings, kwargs):
+        if position_embeddings is None or kwargs.get("past_key_values") is not None \
+                or kwargs.get("cache") is not None or kwargs.get("output_attentions"):
+            return None
+        attn = self.self_attn
+        if attn.config._attn_implementation not in ("sdpa", "eager") \
+                or (self.training and getattr(attn, "attention_dropout", 0.0)):
+            return None
+        if attention_mask is not None and attention_mask.dim() != 4:
+            return None
+        projections = []
+        for parent, name in PROJECTIONS:
+            p = projection_args(getattr(getattr(self, parent), name))
+            if p is None:
+                return None
+            projections.append(p)
+        cos, sin = position_embeddings
+        return (cos, sin, attention_mask, self.input_layernorm.weight, self.post_attention_layernorm.weight,
+                self.consts, *projections)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, **kwargs):
+        args = self.fused_args(hidden_states, attention_mask, position_embeddings, kwargs)
+        if args is None:
+            return self.original_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                         position_embeddings=position_embeddings, **kwargs)
+        if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
+            return run_layer(hidden_states, *args)
+        trainable = [t for p in args[6:] for t in p[:2] if t is not None and t.requires_grad]
+        return _CheckpointedLayer.apply(args, self.park_inputs, hidden_states, *trainable)
+
+
+def fuse_decoder_layers(model, park_inputs=True):
+    """Replace each LLaMA-style decoder layer of `model` by a FastDecoderLayer after checking, on random input,
+    that the fused function gives the original layer's output. Returns how many were replaced."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if is_llama_layer(child) and _same_output(child):
+                setattr(parent, name, FastDecoderLayer(child, park_inputs))
+                count += 1
+    return count
+
+
+def is_llama_layer(module):
+    attn, mlp = getattr(module, "self_attn", None), getattr(module, "mlp", None)
+    if attn is None or mlp is None or not hasattr(module, "input_layernorm") \
+            or not hasattr(module, "post_attention_layernorm"):
+        return False
+    if any(hasattr(attn, n) for n in ("q_norm", "k_norm", "sliding_window")) or getattr(attn, "is_sliding", False):
+        return False  # Qwen3 / Gemma-style extras the fused function does not compute
+    config = getattr(attn, "config", None)
+    needed = ("num_attention_heads", "num_key_value_heads")
+    return config is not None and all(hasattr(config, n) for n in needed) and hasattr(attn, "head_dim") \
+        and hasattr(attn, "scaling") and all(hasattr(getattr(module, p), n) for p, n in PROJECTIONS) \
+        and _is_silu_mlp(mlp) and all(hasattr(getattr(module, n), "variance_epsilon")
+                                      for n in ("input_layernorm", "post_attention_layernorm"))
+
+
+def _is_silu_mlp(mlp):
+    if type(mlp).__name__ == "FusedSwiGLU":  # utils/speed.py checked its SiLU already
+        return True
+    return type(getattr(mlp, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+
+
+def _same_output(layer):
+    """The fused function and the original forward agree on a short random sequence. Run in training mode
+    (without gradients): in eval mode bitsandbytes would repack CPU weights into its inference layout."""
+    weight = layer.input_layernorm.weight
+    dim, dtype, device = weight.shape[0], weight.dtype, weight.device
+    head_dim = layer.self_attn.head_dim
+    g = torch.Generator(device).manual_seed(0)
+    # a small input: the norm rescales it, so the layer's own contribution dominates the output and is what
+    # the comparison sees (with a large input, bf16 rounding of the residual sum would hide or fake a difference)
+    h = (torch.randn((1, 5, dim), generator=g, device=device) * 1e-2).to(dtype)
+    angles = torch.arange(5, device=device, dtype=torch.float32)[:, None] * torch.linspace(0, 1, head_dim // 2,
+                                                                                           device=device)
+    angles = torch.cat((angles, angles), dim=-1)[None]
+    position = (angles.cos().to(dtype), angles.sin().to(dtype))
+    fast = FastDecoderLayer(layer, park_inputs=False)
+    was_training = layer.training
+    layer.train()
+    try:
+        with torch.no_grad():
+            args = fast.fused_args(h, None, position, {})
+            if args is None:
+                return False
+            mine = decoder_layer(h, *args)
+            theirs = fast.original_forward(h, attention_mask=None, position_embeddings=position,
+                                           position_ids=torch.arange(5, device=device)[None])
+    finally:
+        layer.train(was_training)
+    theirs = theirs[0] if isinstance(theirs, tuple) else theirs
+    if mine.shape != theirs.shape:
+        return False
+    # compare what the layer adds to its input: in bf16 the sum itself is only good to the input's rounding
+    error = (mine.float() - theirs.float()).norm() / (theirs.float() - h.float()).norm().clamp_min(1e-12)
+    return error.item() < (1e-4 if dtype == torch.float32 else 2e-2)
