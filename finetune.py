@@ -173,7 +173,7 @@ def main(args):
     from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 
     from utils import speed
-    from utils.modeling import compute_dtype, load_model, sharded_engine
+    from utils.modeling import compute_dtype, load_model, sharding_here
     from utils.training import (
         GracefulStop,
         MetaCallback,
@@ -185,14 +185,14 @@ def main(args):
         report_targets,
     )
     set_seed(args.seed)
-    if sharded_engine() and torch.cuda.is_available():
+    if sharding_here() and torch.cuda.is_available():
         from accelerate import PartialState
         PartialState()  # join the process group and select this rank's GPU before the 4-bit weights are placed
     model, _, info = load_model(args.base_model, bits=args.bits, training=True,
                                 local_files_only=args.local_files_only, trust_remote_code=args.trust_remote_code,
                                 allow_pickle=args.allow_pickle)
     ckpt_kwargs = {"use_reentrant": False}  # re-entrant checkpointing breaks DDP (pitfall 6)
-    sharded = sharded_engine() is not None and torch.cuda.is_available()
+    sharded = sharding_here() is not None
     # the fused path is for one model copy per GPU; fp16 GPUs keep peft's fp32-norm recipe
     fast = args.speedups and speed.fast_path_dtype_ok() and not sharded
     if fast:
