@@ -181,6 +181,7 @@ def main(args):
         Trainer,
         adapter_meta,
         finish_run,
+        max_over_processes,
         one_gpu_per_process,
         report_targets,
     )
@@ -266,7 +267,9 @@ def main(args):
         log(f"resuming from {args.resume_from_checkpoint}")
     started = time.time()
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    peak_gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None  # before the final save
+    # before the final save; the processes' peaks differ under FSDP / ZeRO-3, and the summary (written by
+    # process 0) reports the largest
+    peak_gpu = max_over_processes(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
     if stopper.signum is not None:
         log(f"stopped at step {trainer.state.global_step}; checkpoint saved in {args.output_dir}. Continue with "
             "the same command plus --resume_from_checkpoint latest")

@@ -129,6 +129,18 @@ def one_gpu_per_process(training_args):
     return training_args
 
 
+def max_over_processes(value):
+    """The largest integer `value` over the processes of a torchrun / accelerate run (`value` itself when there
+    is one process). Collective: every process must call it."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    nccl = "nccl" in str(dist.get_backend())
+    flag = torch.tensor([value], dtype=torch.int64, device=f"cuda:{torch.cuda.current_device()}" if nccl else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
 class GracefulStop(TrainerCallback):
     """SIGTERM or Ctrl-C: finish the current optimizer step, save a normal resumable checkpoint, stop.
 
@@ -155,15 +167,7 @@ class GracefulStop(TrainerCallback):
             signal.signal(sig, handler)
 
     def on_step_end(self, args, state, control, **kwargs):
-        stop = self.signum is not None
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            import torch
-            device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-            flag = torch.tensor([int(stop)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
-        if stop:
+        if max_over_processes(int(self.signum is not None)):
             self.signum = self.signum or signal.SIGTERM
             control.should_save = True
             control.should_training_stop = True
