@@ -174,7 +174,7 @@ def main(args):
     from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 
     from utils import speed
-    from utils.modeling import compute_dtype, load_model, sharded_engine
+    from utils.modeling import compute_dtype, load_model, sharding_here
     from utils.training import (
         GracefulStop,
         MetaCallback,
@@ -182,18 +182,19 @@ def main(args):
         Trainer,
         adapter_meta,
         finish_run,
+        max_over_processes,
         one_gpu_per_process,
         report_targets,
     )
     set_seed(args.seed)
-    if sharded_engine() and torch.cuda.is_available():
+    if sharding_here() and torch.cuda.is_available():
         from accelerate import PartialState
         PartialState()  # join the process group and select this rank's GPU before the 4-bit weights are placed
     model, _, info = load_model(args.base_model, bits=args.bits, training=True,
                                 local_files_only=args.local_files_only, trust_remote_code=args.trust_remote_code,
                                 allow_pickle=args.allow_pickle)
     ckpt_kwargs = {"use_reentrant": False}  # re-entrant checkpointing breaks DDP (pitfall 6)
-    sharded = sharded_engine() is not None and torch.cuda.is_available()
+    sharded = sharding_here() is not None
     # the fused path is for one model copy per GPU; fp16 GPUs keep peft's fp32-norm recipe
     fast = args.speedups and speed.fast_path_dtype_ok() and not sharded
     if fast:
@@ -267,7 +268,9 @@ def main(args):
         log(f"resuming from {args.resume_from_checkpoint}")
     started = time.time()
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    peak_gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None  # before the final save
+    # before the final save; the processes' peaks differ under FSDP / ZeRO-3, and the summary (written by
+    # process 0) reports the largest
+    peak_gpu = max_over_processes(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
     if stopper.signum is not None:
         log(f"stopped at step {trainer.state.global_step}; checkpoint saved in {args.output_dir}. Continue with "
             "the same command plus --resume_from_checkpoint latest")

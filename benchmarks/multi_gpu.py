@@ -12,6 +12,8 @@ accelerate launch; cli_demo.py), with the same global batch, so the loss curves 
   4. inference: cli_demo.py greedy on 1 GPU vs --num_gpus 2, in 16-bit and 4-bit, on a model of the same width
 Throughput is real (non-pad) tokens per second of training after the first optimizer step (start-up excluded);
 peak memory is torch.cuda.max_memory_allocated of each process (the largest over ranks).
+results.json holds each run's summary and, under "comparison", the issue's targets: DDP tokens/s after the
+first step / single's (>= 1.8), FSDP peak / single peak (<= 0.6), and the loss gaps between runs.
 """
 
 import argparse
@@ -51,11 +53,45 @@ def run(name, cmd, log_dir, env=None, timeout=900):
     return proc.returncode == 0
 
 
-def summary(out_dir):
+def summary(out_dir, log_path):
     with open(os.path.join(out_dir, "training_summary.json")) as f:
         s = json.load(f)
-    return {k: s[k] for k in ("tokens_seen", "tokens_per_second", "tokens_per_second_after_first_step",
-                              "peak_gpu_memory_gib", "train_runtime_s", "loss_history")}
+    with open(log_path) as f:  # the batch finetune.py printed (and, since one_gpu_per_process, trained)
+        batch = next((line.split(": ", 1)[1].strip() for line in f if line.startswith("effective batch size:")), None)
+    return {"effective_batch": batch, **{k: s[k] for k in (
+        "tokens_seen", "tokens_per_second", "tokens_per_second_after_first_step", "peak_gpu_memory_gib",
+        "train_runtime_s", "loss_history")}}
+
+
+# The issue's targets, checked on whichever runs finished. "single" and "ddp" are a like-for-like pair: the same
+# micro-batch per forward pass on every GPU (plain python keeps to one GPU, utils/training.py:
+# one_gpu_per_process), the same global batch (1 x M x 2 against 2 x M x 1), the same records, steps and code
+# path (both use the fused speed-ups). The one asymmetry, one optimizer step per micro-batch on each DDP GPU
+# against one per two on the single GPU, costs DDP a little, so the ratio errs low. FSDP and ZeRO-3 take the
+# plain peft path (no fused kernels), so their peaks are compared with the single-GPU run users would make.
+TARGETS = {"ddp_speedup": (">=", 1.8), "fsdp_peak_over_single_peak": ("<=", 0.6),
+           "max_loss_diff_ddp_fsdp": ("<=", 0.01)}  # "the same loss curve as DDP": bf16 noise at loss ~11
+
+
+def comparison(results):
+    """Ratios and loss gaps between the runs present in `results`, each with its target and whether it is met."""
+    key, out = "tokens_per_second_after_first_step", {}
+    single, ddp, fsdp = (results.get(name) for name in ("single", "ddp", "fsdp"))
+    if single and ddp and single[key] and ddp[key]:
+        out["ddp_speedup"] = round(ddp[key] / single[key], 3)
+        out["same_tokens_single_ddp"] = single["tokens_seen"] == ddp["tokens_seen"]
+    if single and fsdp and single["peak_gpu_memory_gib"] and fsdp["peak_gpu_memory_gib"] is not None:
+        out["fsdp_peak_over_single_peak"] = round(fsdp["peak_gpu_memory_gib"] / single["peak_gpu_memory_gib"], 3)
+    for a, b in (("ddp", "fsdp"), ("single", "ddp"), ("ddp", "zero3")):
+        if a in results and b in results:
+            la = [loss for _, loss in results[a]["loss_history"]]
+            lb = [loss for _, loss in results[b]["loss_history"]]
+            out[f"max_loss_diff_{a}_{b}"] = max(abs(x - y) for x, y in zip(la, lb))
+    for name, (op, bound) in TARGETS.items():
+        if name in out:
+            out[f"{name}_target"] = f"{op} {bound}"
+            out[f"{name}_met"] = out[name] >= bound if op == ">=" else out[name] <= bound
+    return out
 
 
 def save(results, log_dir):
@@ -107,7 +143,8 @@ def main():
         if name in only and (name == "single" or gpus >= 2) and run(name, [
                 *launcher, *train, "--output_dir", os.path.join(args.out, name),
                 "--gradient_accumulation_steps", str(accumulation)], log_dir):
-            results[name] = summary(os.path.join(args.out, name))
+            results[name] = summary(os.path.join(args.out, name), os.path.join(log_dir, f"{name}.log"))
+            results["comparison"] = comparison(results)
         save(results, log_dir)
 
     for name in ("single", "ddp", "fsdp"):
@@ -143,17 +180,8 @@ def main():
             losses = [loss for _, loss in s["loss_history"]]
             print(f"| {name} | {shape[name].format(m=args.micro_batch)} | {s['tokens_per_second_after_first_step']} | "
                   f"{s['peak_gpu_memory_gib']} | {losses[0]:.4f}, {losses[-1]:.4f} |")
-    if "single" in results and "ddp" in results:
-        key = "tokens_per_second_after_first_step"
-        print(f"DDP speed-up: {results['ddp'][key] / results['single'][key]:.2f}x")
-    if "single" in results and "fsdp" in results and results["single"]["peak_gpu_memory_gib"]:
-        print(f"FSDP peak / single peak: "
-              f"{results['fsdp']['peak_gpu_memory_gib'] / results['single']['peak_gpu_memory_gib']:.0%}")
-    for a, b in (("ddp", "fsdp"), ("single", "ddp"), ("ddp", "zero3")):
-        if a in results and b in results:
-            la = [loss for _, loss in results[a]["loss_history"]]
-            lb = [loss for _, loss in results[b]["loss_history"]]
-            print(f"max |loss {a} - loss {b}| over {len(la)} steps: {max(abs(x - y) for x, y in zip(la, lb)):.2e}")
+    for name, value in results.get("comparison", {}).items():
+        print(f"{name}: {value}")
     for bits in (16, 4):
         one, two = results.get(f"infer_{bits}bit_1gpu"), results.get(f"infer_{bits}bit_2gpu")
         if one and two:

@@ -191,12 +191,19 @@ def sharded_engine():
     return None
 
 
+def sharding_here():
+    """sharded_engine() where accelerate really shards the model: it runs FSDP / ZeRO-3 on GPUs only (on a
+    CPU-only machine the same launch trains plain data parallel, each process holding a whole copy), else None.
+    tests/fsdp_on_cpu.py replaces it, together with accelerate's rule, to test FSDP over gloo."""
+    return sharded_engine() if torch.cuda.is_available() else None
+
+
 def placement(num_gpus=None, max_gpu_memory=None, training=False):
     """device_map and max_memory for from_pretrained, plus a sentence saying what was chosen."""
     available = torch.cuda.device_count()
     rank = distributed_local_rank()
-    if training and available and sharded_engine():
-        return None, None, f"{sharded_engine().upper()}-sharded over {os.environ.get('WORLD_SIZE', '?')} processes"
+    if training and sharding_here():
+        return None, None, f"{sharding_here().upper()}-sharded over {os.environ.get('WORLD_SIZE', '?')} processes"
     if rank is not None and available:
         # Under a launcher each process holds its own copy on its own GPU; never "auto" (pitfall 5).
         return {"": rank}, None, f"process-local GPU {rank}"

@@ -10,6 +10,7 @@ import shutil
 import signal
 import time
 
+import torch
 import transformers
 from transformers import TrainerCallback
 
@@ -48,12 +49,62 @@ def adapter_meta(args, template, model_path):
 
 class Trainer(transformers.Trainer):
     """The HF Trainer, with perplexity next to every eval loss it logs (in the console, TensorBoard and the
-    run summary alike)."""
+    run summary alike), and under FSDP its adapter saved and loaded by utils/fsdp.py: the Trainer's own FSDP
+    path writes an adapter with no tensors and cannot resume from an adapter checkpoint (utils/fsdp.py says why).
+    The final save and every checkpoint-N go through save_model; resume and the best checkpoint through
+    _load_from_checkpoint and _load_best_model."""
 
     def log(self, logs, *args, **kwargs):
         if "eval_loss" in logs:
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
         super().log(logs, *args, **kwargs)
+
+    def _fsdp_models(self):
+        """(FSDP root, the PeftModel inside it) once the Trainer has wrapped the model in FSDP, else None."""
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        if self.is_fsdp_enabled and isinstance(self.model_wrapped, FSDP):
+            return self.model_wrapped, self.accelerator.unwrap_model(self.model_wrapped)
+        return None
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        models = self._fsdp_models()
+        if models is None:
+            return super().save_model(output_dir, _internal_call)
+        from utils import fsdp
+        output_dir = output_dir or self.args.output_dir
+        count = fsdp.save_adapter(*models, output_dir, is_main=self.args.should_save)  # every process gathers
+        if self.args.should_save:  # the rest of what Trainer._save writes next to the adapter
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+            print(f"FSDP: adapter gathered from {self.args.world_size} processes ({count} tensors) into "
+                  f"{output_dir}", flush=True)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if self._fsdp_models() is None:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # the Trainer would also write pytorch_model_fsdp.bin: the whole model gathered once more and put through
+        # the same peft filter, so empty too, and its resume would load that emptiness without a word; the
+        # adapter is in adapter_model.safetensors already
+        from accelerate.utils import save_fsdp_optimizer
+        save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model,
+                            output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        models = self._fsdp_models()
+        if models is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from utils import fsdp
+        count = fsdp.load_adapter(*models, resume_from_checkpoint)
+        if self.args.should_save:
+            print(f"FSDP: adapter loaded from {resume_from_checkpoint} ({count} tensors)", flush=True)
+
+    def _load_best_model(self):
+        if self._fsdp_models() is None:
+            return super()._load_best_model()
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
 
 
 def report_targets(report_to, log=print):
@@ -76,6 +127,18 @@ def one_gpu_per_process(training_args):
     if training_args.world_size == 1 and training_args.n_gpu > 1:
         training_args._n_gpu = 1  # the Trainer reads the visible-GPU count from this field only
     return training_args
+
+
+def max_over_processes(value):
+    """The largest integer `value` over the processes of a torchrun / accelerate run (`value` itself when there
+    is one process). Collective: every process must call it."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    nccl = "nccl" in str(dist.get_backend())
+    flag = torch.tensor([value], dtype=torch.int64, device=f"cuda:{torch.cuda.current_device()}" if nccl else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
 
 
 class GracefulStop(TrainerCallback):
@@ -104,15 +167,7 @@ class GracefulStop(TrainerCallback):
             signal.signal(sig, handler)
 
     def on_step_end(self, args, state, control, **kwargs):
-        stop = self.signum is not None
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            import torch
-            device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-            flag = torch.tensor([int(stop)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
-        if stop:
+        if max_over_processes(int(self.signum is not None)):
             self.signum = self.signum or signal.SIGTERM
             control.should_save = True
             control.should_training_stop = True

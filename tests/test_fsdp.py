@@ -1,0 +1,110 @@
+"""FSDP-QLoRA through `accelerate launch` with configs/accelerate_fsdp_qlora.yaml, on the CPU: 2 processes over
+gloo, the tiny 4-bit LLaMA sharded by FSDP1 (tests/fsdp_on_cpu.py says why a launcher is needed on the CPU).
+Every checkpoint holds the whole adapter, the final one equals a single process's with the same global batch,
+and a resume from a periodic checkpoint continues exactly."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("accelerate")
+
+from utils.training import checkpoint_problem  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, SAVE = 4, 2
+
+
+def cpu_config(tmp_path):
+    """The repo's FSDP config on the CPU. cpu_ram_efficient_loading (and the sync_module_states it forces) is
+    off: accelerate looks for a GPU to broadcast from when the FSDP plugin starts."""
+    with open(os.path.join(ROOT, "configs", "accelerate_fsdp_qlora.yaml"), encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    config["use_cpu"], config["num_processes"], config["main_process_port"] = True, 2, 29531
+    config["fsdp_config"].update(fsdp_cpu_ram_efficient_loading=False, fsdp_sync_module_states=False)
+    path = tmp_path / "fsdp_cpu.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def adapter(folder):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(folder, "adapter_model.safetensors"))
+
+
+def adapter_config(folder):
+    config = json.loads((folder / "adapter_config.json").read_text())
+    return dict(config, target_modules=sorted(config["target_modules"]))  # a set, saved in any order
+
+
+def test_fsdp_checkpoints_hold_the_adapter_match_one_process_and_resume(tiny_llama_dir, tmp_path):
+    records = json.loads(open(os.path.join(ROOT, "dataset", "sample.json"), encoding="utf-8").read())[:8]
+    data = tmp_path / "eight.json"
+    data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    # 8 records, a global batch of 8: every step sees every record in both layouts; no dropout; the plain peft
+    # path in the single process too (FSDP turns the fused speed-ups off)
+    common = ["--base_model", tiny_llama_dir, "--data_path", str(data), "--max_steps", str(STEPS),
+              "--save_steps", str(SAVE), "--cutoff_len", "128", "--lora_dropout", "0", "--learning_rate", "5e-3",
+              "--warmup_ratio", "0", "--logging_steps", "1", "--report_to", "none", "--no-speedups",
+              "--per_device_train_batch_size", "4"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", cpu_config(tmp_path),
+              os.path.join(ROOT, "tests", "fsdp_on_cpu.py"), *common, "--gradient_accumulation_steps", "1"]
+
+    def run(cmd):
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, log[-5000:]
+        return log
+
+    one = tmp_path / "one"
+    run([sys.executable, os.path.join(ROOT, "finetune.py"), *common, "--output_dir", str(one),
+         "--gradient_accumulation_steps", "2"])
+    out = tmp_path / "fsdp"
+    log = run([*launch, "--output_dir", str(out)])
+    assert log.count("4-bit on FSDP-sharded over 2 processes") == 1
+    # the new save path wrote every checkpoint (the Trainer's own wrote adapters with no tensors)
+    reference = adapter(one / "checkpoint-final")
+    assert len(reference) == 28  # 2 layers x 7 linear modules x (A, B)
+    for name in (f"checkpoint-{SAVE}", f"checkpoint-{STEPS}", "checkpoint-final.tmp"):
+        assert f"FSDP: adapter gathered from 2 processes ({len(reference)} tensors) into {out / name}" in log
+    for name in (f"checkpoint-{SAVE}", f"checkpoint-{STEPS}", "checkpoint-final"):
+        saved = adapter(out / name)
+        assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in reference.items()}, name
+        assert all(v.abs().sum() > 0 for v in saved.values()), name
+        assert adapter_config(out / name) == adapter_config(one / "checkpoint-final")
+    assert checkpoint_problem(str(out / f"checkpoint-{SAVE}")) is None
+    assert not list(out.glob("checkpoint-*/pytorch_model_fsdp*"))
+
+    # same updates as one process with the same global batch (the B matrices start at zero, so equal B's mean
+    # equal training); the gap is float32 summation order, grown by Adam: measured 3e-6, allowed 2e-5
+    final = adapter(out / "checkpoint-final")
+    gap = max((final[k] - reference[k]).abs().max().item() for k in reference)
+    print(f"largest |FSDP - one process| over the adapter: {gap:.2e}")
+    assert gap < 2e-5
+    assert min(reference[k].abs().max().item() for k in reference if "lora_B" in k) > 1e-3  # B moved from 0
+    one_losses = json.loads((one / "training_summary.json").read_text())["loss_history"]
+    fsdp_losses = json.loads((out / "training_summary.json").read_text())["loss_history"]
+    assert [loss for _, loss in fsdp_losses] == pytest.approx([loss for _, loss in one_losses], rel=1e-4)
+
+    # resume the FSDP run from its periodic checkpoint: the adapter and the optimizer come back, so it ends
+    # where the uninterrupted run ended
+    resumed = tmp_path / "resumed"
+    log = run([*launch, "--output_dir", str(resumed), "--resume_from_checkpoint", str(out / f"checkpoint-{SAVE}")])
+    assert f"FSDP: adapter loaded from {out / f'checkpoint-{SAVE}'} ({len(reference)} tensors)" in log
+    again = adapter(resumed / "checkpoint-final")
+    gap = max((again[k] - final[k]).abs().max().item() for k in final)
+    print(f"largest |resumed - uninterrupted| over the adapter: {gap:.2e}")
+    assert gap < 1e-6
+
+    # and it loads as a normal peft adapter
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    model = PeftModel.from_pretrained(base, str(out / "checkpoint-final"))
+    loaded = model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    assert torch.equal(loaded, final["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"])
