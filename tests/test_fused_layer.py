@@ -152,3 +152,19 @@ def test_layers_are_checked_before_they_are_replaced(gqa_folder):
     model.model.layers[1].__class__ = Scaled
     assert fused_layer.fuse_decoder_layers(model) == 1
     assert isinstance(model.model.layers[0], fused_layer.FastDecoderLayer) and type(model.model.layers[1]) is Scaled
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_dequantization_is_bitsandbytes_bit_for_bit(quant_type, nested, dtype):
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    g = torch.Generator().manual_seed(0)
+    for shape in [(64, 128), (128, 256), (33, 7), (300, 1100)]:  # whole and partial blocks of 64 and of 256
+        weight = (torch.randn(shape, generator=g) * 0.05).to(dtype)
+        packed, state = bnb.quantize_4bit(weight, quant_type=quant_type, compress_statistics=nested, blocksize=64)
+        nested_args = (state.state2.absmax, state.state2.code, state.offset, state.state2.blocksize) \
+            if nested else ()
+        ours = fused_layer.dequantize_nf4(packed, state.absmax, state.code, state.blocksize, list(state.shape),
+                                          state.dtype, *nested_args)
+        assert torch.equal(ours, bnb.dequantize_4bit(packed, state)), shape

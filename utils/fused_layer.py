@@ -32,11 +32,34 @@ from utils.speed import _FusedLoraMixin, _rms_norm, _rope, _say_once, _silu_mul,
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _weight(kind, dtype, shape, blocksize, quant_type, w, absmax, absmax2, code2, offset, blocksize2):
+def _per_block(values, scales, blocksize, n):
+    """values[i] * scales[i // blocksize] for i < n (a view, so Inductor fuses it into the consumer)."""
+    return values * scales[:, None].expand(-1, blocksize).reshape(-1)[:n]
+
+
+def dequantize_nf4(w, absmax, code, blocksize, shape, dtype, absmax2=None, code2=None, offset=None, blocksize2=None):
+    """bitsandbytes' blockwise 4-bit dequantization in plain torch ops (bit-exact, tests/test_fused_layer.py):
+    two codes per byte, the first in the high nibble; code[q] x absmax of its block, in fp32, rounded to dtype.
+    With double quantization absmax itself is uint8 codes x fp32 scales per blocksize2 + offset. Compiled, it is
+    one kernel fused with its neighbours instead of two bitsandbytes calls with their Python on the CPU."""
+    n = 1
+    for s in shape:
+        n *= s
+    if absmax2 is not None:
+        absmax = _per_block(code2[absmax.view(-1).int()], absmax2.view(-1), blocksize2, absmax.numel()) + offset
+    packed = w.view(-1)
+    codes = torch.stack((packed >> 4, packed & 15), dim=-1).view(-1)[:n]
+    return _per_block(code[codes.int()], absmax.view(-1), blocksize, n).to(dtype).view(shape)
+
+
+def _weight(kind, dtype, shape, blocksize, quant_type, w, absmax, code, absmax2, code2, offset, blocksize2):
     """The (out, in) weight in `dtype`. kind 'dense': w itself; 'nf4': bitsandbytes' packed 4-bit layout,
-    with double quantization when absmax2 is given (absmax is then uint8 with its own fp32 scales)."""
+    with double quantization when absmax2 is given (absmax is then uint8 with its own fp32 scales). On CUDA,
+    NF4 goes through dequantize_nf4 (compiled into the layer); elsewhere, and for FP4, bitsandbytes' own ops."""
     if kind == "dense":
         return w if w.dtype == dtype else w.to(dtype)
+    if w.is_cuda and quant_type == "nf4":
+        return dequantize_nf4(w, absmax, code, blocksize, shape, dtype, absmax2, code2, offset, blocksize2)
     if absmax2 is not None:
         absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(absmax, absmax2, code2, blocksize2,
                                                                      torch.float32) + offset
@@ -47,27 +70,29 @@ class _Projection(torch.autograd.Function):
     """x W^T + b + s (x A^T) B^T; `spec` = (kind, shape, blocksize, quant_type, blocksize2) are constants."""
 
     @staticmethod
-    def forward(ctx, x, a, b, bias, scale, spec, w, absmax, absmax2, code2, offset):
+    def forward(ctx, x, a, b, bias, scale, spec, w, absmax, code, absmax2, code2, offset):
         kind, shape, blocksize, quant_type, blocksize2 = spec
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
-        weight = _weight(kind, dtype, shape, blocksize, quant_type, w, absmax, absmax2, code2, offset, blocksize2)
+        weight = _weight(kind, dtype, shape, blocksize, quant_type, w, absmax, code, absmax2, code2, offset,
+                         blocksize2)
         out = F.linear(x2, weight, None if bias is None else bias.to(dtype))
         xa = None
         if a is not None:
             xa = x2 @ a.to(dtype).t()
             out = torch.addmm(out, xa, b.to(dtype).t(), alpha=scale)
-        ctx.save_for_backward(x2, xa, a, b, w, absmax, absmax2, code2, offset)
+        ctx.save_for_backward(x2, xa, a, b, w, absmax, code, absmax2, code2, offset)
         ctx.scale, ctx.spec = scale, spec
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x2, xa, a, b, w, absmax, absmax2, code2, offset = ctx.saved_tensors
+        x2, xa, a, b, w, absmax, code, absmax2, code2, offset = ctx.saved_tensors
         kind, shape, blocksize, quant_type, blocksize2 = ctx.spec
         dtype = x2.dtype
         g = grad.reshape(-1, grad.shape[-1]).to(dtype)
-        weight = _weight(kind, dtype, shape, blocksize, quant_type, w, absmax, absmax2, code2, offset, blocksize2)
+        weight = _weight(kind, dtype, shape, blocksize, quant_type, w, absmax, code, absmax2, code2, offset,
+                         blocksize2)
         dx = g @ weight
         da = db = None
         if a is not None:
@@ -76,7 +101,7 @@ class _Projection(torch.autograd.Function):
             da = (gb.t() @ x2).mul(ctx.scale).to(a.dtype)
             db = (g.t() @ xa).mul(ctx.scale).to(b.dtype)
         dx = dx.view(*grad.shape[:-1], dx.shape[-1])
-        return dx, da, db, None, None, None, None, None, None, None, None
+        return dx, da, db, None, None, None, None, None, None, None, None, None
 
 
 def _project(x, p):
@@ -103,7 +128,7 @@ def projection_args(module):
     if state is None:
         if type(module) is not nn.Linear or weight.dim() != 2:
             return None
-        spec, tensors = ("dense", None, None, None, None), (weight, None, None, None, None)
+        spec, tensors = ("dense", None, None, None, None), (weight, None, None, None, None, None)
     else:
         if weight.dtype != torch.uint8 or getattr(state, "packing_format_for_cpu", False) \
                 or state.quant_type not in ("nf4", "fp4"):
@@ -112,10 +137,10 @@ def projection_args(module):
         if state.nested:
             s2 = state.state2
             spec = ("nf4", shape, state.blocksize, state.quant_type, s2.blocksize)
-            tensors = (weight, state.absmax, s2.absmax, s2.code, state.offset)
+            tensors = (weight, state.absmax, state.code, s2.absmax, s2.code, state.offset)
         else:
             spec = ("nf4", shape, state.blocksize, state.quant_type, None)
-            tensors = (weight, state.absmax, None, None, None)
+            tensors = (weight, state.absmax, state.code, None, None, None)
     return (a, b, module.bias, float(scale), spec, *tensors)
 
 
