@@ -70,6 +70,13 @@ def random_model(config, dtype=None, seed=0):
         model = LlamaForCausalLM._from_config(config, dtype=dtype)
     with torch.no_grad():
         model.lm_head.weight[EOS_ID] = 0
+        # the pad row (id 0, also the word tokenizer's unknown word, so every template word) is zero after
+        # init: such tokens' hidden states stay exactly 0 through a random model, and the RMSNorm backward at 0
+        # (x 1/sqrt(eps) per norm) overflows bf16 over 32 layers: NaN gradients (seen on 2 H100s). Make it an
+        # ordinary row.
+        emb = model.get_input_embeddings().weight
+        emb[0] = torch.randn(emb.shape[1], device=emb.device, generator=torch.Generator(emb.device).manual_seed(1)
+                             ).to(emb.dtype) * config.initializer_range
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = EOS_ID, 0
     return model
 
