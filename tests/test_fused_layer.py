@@ -8,24 +8,10 @@ rows (block-diagonal mask) and padded batches, with and without gradient checkpo
 import pytest
 import torch
 from peft import get_peft_model, get_peft_model_state_dict
+from test_speed import _examples, _Pad  # the same four examples (tokens, prompt tokens)
 
 from utils import fused_layer, speed
 from utils.data import pad_collate
-
-EXAMPLES = [(20, 8), (33, 5), (9, 4), (16, 15)]  # (tokens, prompt tokens)
-
-
-class _Pad:
-    pad_token_id = 0
-
-
-def _examples(vocab=300, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n, prompt in EXAMPLES:
-        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
-        out.append({"input_ids": ids, "attention_mask": [1] * n, "labels": [-100] * prompt + ids[prompt:]})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +76,12 @@ def test_fused_layers_train_like_peft(gqa_folder, bits, targets, double_quant, c
     assert all(isinstance(layer, fused_layer.FastDecoderLayer) for layer in layers)
     assert all(layer.gradient_checkpointing == checkpointing for layer in layers)
     calls = []
-    real = fused_layer.decoder_layer
-    fused_layer.decoder_layer = lambda *a: calls.append(1) or real(*a)
+    real = fused_layer.run_layer.fn
+    fused_layer.run_layer.fn = lambda *a: calls.append(1) or real(*a)
     try:
         got = {name: _step(model, b) for name, b in batches.items()}
     finally:
-        fused_layer.decoder_layer = real
+        fused_layer.run_layer.fn = real
     assert len(calls) == 2 * len(batches) * (2 if checkpointing else 1)  # the fused path ran (and recomputed)
     for name in batches:
         _assert_same(ref[name], got[name])

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.speed import _FusedLoraMixin, _rms_norm, _rope, _say_once, _silu_mul, compile_available
+from utils.speed import _Fused, _FusedLoraMixin, _rms_norm, _rope, _silu_mul
 
 # ---------------------------------------------------------------------------------------------------------
 # One projection: base weight (NF4 or dense) + optional LoRA adapter
@@ -168,34 +168,7 @@ def decoder_layer(h, cos, sin, mask, norm1, norm2, consts, q, k, v, o, gate, up,
     return h + _project(_silu_mul(_project(x, gate), _project(x, up)), down)
 
 
-class _Compiled:
-    """decoder_layer compiled once for CUDA inputs when compile_available(), else run eagerly; a compiler
-    failure is reported once and the eager function is used from then on."""
-
-    def __init__(self):
-        self.compiled, self.ok = None, None
-
-    def __call__(self, *args):
-        if not args[0].is_cuda or self.ok is False:
-            return decoder_layer(*args)
-        if self.ok is None:
-            if not compile_available():
-                self.ok = False
-                return decoder_layer(*args)
-            try:
-                self.compiled = torch.compile(decoder_layer)
-                out = self.compiled(*args)
-            except Exception as e:  # the eager function computes the same thing
-                self.ok = False
-                _say_once(f"note: torch.compile of the decoder layer failed ({type(e).__name__}: {e}); "
-                          "running it eagerly")
-                return decoder_layer(*args)
-            self.ok = True
-            return out
-        return self.compiled(*args)
-
-
-run_layer = _Compiled()
+run_layer = _Fused(decoder_layer, dynamic=None)  # compiled once on CUDA, shared by every layer
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -51,11 +51,12 @@ def compile_available():
 
 
 class _Fused:
-    """Calls `fn` compiled (one dynamic-shape compile) for CUDA inputs when compile_available(), else eagerly.
+    """Calls `fn` compiled for CUDA inputs when compile_available(), else eagerly. dynamic=True: one
+    dynamic-shape compile; None: torch.compile's default (static first, dynamic after a shape changes).
     If compiling fails, says why once and stays eager; errors after a successful first call are not caught."""
 
-    def __init__(self, fn):
-        self.fn, self.compiled, self.ok = fn, None, None
+    def __init__(self, fn, dynamic=True):
+        self.fn, self.dynamic, self.compiled, self.ok = fn, dynamic, None, None
 
     def __call__(self, *args):
         if not args[0].is_cuda or self.ok is False:
@@ -65,7 +66,7 @@ class _Fused:
                 self.ok = False
                 return self.fn(*args)
             try:
-                self.compiled = torch.compile(self.fn, dynamic=True)
+                self.compiled = torch.compile(self.fn, dynamic=self.dynamic)
                 out = self.compiled(*args)
             except Exception as e:  # a compiler problem: the eager function computes the same thing
                 self.ok = False
