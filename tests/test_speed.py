@@ -158,6 +158,31 @@ def test_chunked_loss_equals_transformers_loss(tiny_folder):
     assert abs(halved.item() - ref.item() / 2) < 1e-5
 
 
+def test_linear_cross_entropy_masks_ignored_rows_without_selecting_them():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 9, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g)
+    labels = torch.randint(0, 50, (2, 9), generator=g)
+    labels[0, :5] = -100
+    labels[1, 7:] = -100
+    for items, chunk in ((None, 5), (torch.tensor(30), 4), (30, 100)):
+        hidden.grad = None
+        loss = speed.linear_cross_entropy(hidden, weight, labels, items, chunk_tokens=chunk)
+        loss.backward()
+        mine = hidden.grad.clone()
+        hidden.grad = None
+        logits = hidden[:, :-1] @ weight.t()
+        ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), labels[:, 1:].reshape(-1), reduction="sum")
+        ref = ref / (int((labels[:, 1:] != -100).sum()) if items is None else int(items))
+        ref.backward()
+        assert abs(loss.item() - ref.item()) < 1e-5, (items, chunk)
+        torch.testing.assert_close(mine, hidden.grad, atol=1e-6, rtol=1e-5)
+    hidden.grad = None
+    nothing = speed.linear_cross_entropy(hidden, weight, torch.full_like(labels, -100), torch.tensor(0))
+    nothing.backward()
+    assert nothing.item() == 0.0 and hidden.grad.abs().max().item() == 0.0
+
+
 def test_fused_norm_and_mlp_modules_keep_outputs_and_names(tiny_folder):
     model = _load(tiny_folder, 16, fused=True)
     batch = pad_collate(_Pad())(_examples())

@@ -305,8 +305,11 @@ def lora_config(bits, fused=True, **kwargs):
 # ---------------------------------------------------------------------------------------------------------
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum over rows of cross_entropy(h W^T, t) / divisor, in chunks of rows. The gradient with respect to h is
-    computed chunk by chunk in the forward pass (W is frozen), so only one chunk's logits exist at a time."""
+    """sum over kept rows of cross_entropy(h W^T, t) / divisor, in chunks of rows. The gradient with respect to h
+    is computed chunk by chunk in the forward pass (W is frozen), so only one chunk's logits exist at a time.
+    Rows whose target is -100 are computed and multiplied by 0 rather than selected out: selecting would need
+    their count on the CPU, a GPU->CPU wait in the middle of every step (the lm_head matmul of those rows costs
+    well under 1% of a step)."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, divisor, chunk):
@@ -316,12 +319,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, h.shape[0], chunk):
             logits = (h[s:s + chunk] @ w.t()).float()  # as transformers: logits in h's dtype, loss in fp32
             t = targets[s:s + chunk, None]
+            keep = t != IGNORE_INDEX
+            t = t.clamp_min(0)
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            total += (lse - logits.gather(1, t)).sum()
+            total += ((lse - logits.gather(1, t)) * keep).sum()
             if grad is not None:
                 p = logits.sub_(lse).exp_()  # softmax, in place of the logits
                 p.scatter_add_(1, t, torch.full_like(t, -1, dtype=p.dtype))
-                grad[s:s + chunk] = p.div_(divisor).to(h.dtype) @ w
+                grad[s:s + chunk] = p.mul_(keep / divisor).to(h.dtype) @ w
         ctx.save_for_backward(grad)
         return total / divisor
 
@@ -333,16 +338,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(hidden, weight, labels, num_items_in_batch=None, chunk_tokens=None):
     """The causal-LM loss of transformers (labels shifted left by one, -100 ignored, sum / num_items_in_batch
-    when given, else the mean) computed from `hidden` (batch, seq, dim) and the output embedding `weight`."""
+    when given, else the mean) computed from `hidden` (batch, seq, dim) and the output embedding `weight`.
+    No GPU->CPU synchronization: a batch without any label gives 0 (not transformers' 0 / 0)."""
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    t = labels[:, 1:].reshape(-1).to(hidden.device)
-    keep = (t != IGNORE_INDEX).nonzero().squeeze(1)
-    if keep.numel() == 0:
-        return hidden.sum() * 0.0
-    h, t = h.index_select(0, keep), t.index_select(0, keep)
-    divisor = keep.numel() if num_items_in_batch is None else num_items_in_batch
+    t = labels[:, 1:].reshape(-1).to(hidden.device, non_blocking=True)
+    divisor = (t != IGNORE_INDEX).sum() if num_items_in_batch is None else num_items_in_batch
     if torch.is_tensor(divisor):
-        divisor = divisor.to(device=hidden.device, dtype=torch.float32)
+        divisor = divisor.to(device=hidden.device, dtype=torch.float32, non_blocking=True).clamp_min(1)
+    else:
+        divisor = max(1, divisor)
     chunk = chunk_tokens or max(256, (1 << 25) // weight.shape[0])  # ~128 MiB of fp32 logits per chunk
     return _LinearCrossEntropy.apply(h, weight, t, divisor, chunk)
 
