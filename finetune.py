@@ -239,7 +239,11 @@ def main(args):
         logging_steps=args.logging_steps or 10, save_strategy="steps", save_steps=args.save_steps,
         save_total_limit=None, eval_strategy="steps" if val_set else "no",
         eval_steps=args.eval_steps or args.save_steps, seed=args.seed, data_seed=args.seed,
-        report_to=report_targets(args.report_to, log), include_num_input_tokens_seen=tokens_seen,
+        report_to=report_targets(args.report_to, log), include_num_input_tokens_seen="no",  # Trainer(count_tokens=)
+        # no GPU->CPU waits between steps: NaN losses are logged as NaN (not replaced by the running mean), and
+        # batches are copied to the GPU from pinned memory without blocking
+        logging_nan_inf_filter=False, dataloader_pin_memory=torch.cuda.is_available(),
+        accelerator_config={"non_blocking": True},
         load_best_model_at_end=bool(args.early_stopping_patience), metric_for_best_model="eval_loss",
         greater_is_better=False,
         remove_unused_columns=False, ddp_find_unused_parameters=False, label_names=["labels"],
@@ -258,6 +262,7 @@ def main(args):
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=val_set,
                       data_collator=speedups.collator(tokenizer) if speedups else D.pad_collate(tokenizer),
                       compute_loss_func=speedups.loss_func if speedups else None, processing_class=tokenizer,
+                      count_tokens=tokens_seen,
                       callbacks=[MetaCallback(meta, keep=args.save_total_limit), stopper := GracefulStop(),
                                  Throughput()])
     if args.early_stopping_patience:

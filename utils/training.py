@@ -54,10 +54,43 @@ class Trainer(transformers.Trainer):
     The final save and every checkpoint-N go through save_model; resume and the best checkpoint through
     _load_from_checkpoint and _load_best_model."""
 
+    def __init__(self, *args, count_tokens=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The Trainer's own token count (include_num_input_tokens_seen) reads it back from the GPU after every
+        # micro-batch: a GPU->CPU wait per step, and under DDP a collective as well, which kept 2 GPUs from
+        # scaling. Here the count stays on the device (or is the batch's shape) and is added up across
+        # processes only where it is read: each log, each checkpoint, the end of the first step.
+        self.count_tokens = count_tokens  # "all", "non_padding" or None
+        self._uncounted = 0
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, Throughput):
+                callback.tokens_seen = self.tokens_seen
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        if self.count_tokens:
+            mask = inputs.get("attention_mask") if self.count_tokens == "non_padding" else None
+            self._uncounted = self._uncounted + (mask.sum() if mask is not None else inputs["input_ids"].numel())
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def tokens_seen(self):
+        """state.num_input_tokens_seen brought up to date with the micro-batches of every process. Collective:
+        called at the same points on every process (log, checkpoint, Throughput's first step)."""
+        if self.count_tokens:
+            pending, self._uncounted = self._uncounted, 0
+            pending = torch.as_tensor(pending, dtype=torch.int64, device=self.args.device)
+            self.state.num_input_tokens_seen += int(self.accelerator.gather(pending).sum())
+        return self.state.num_input_tokens_seen
+
     def log(self, logs, *args, **kwargs):
         if "eval_loss" in logs:
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+        if self.count_tokens:
+            logs["num_input_tokens_seen"] = self.tokens_seen()
         super().log(logs, *args, **kwargs)
+
+    def _save_checkpoint(self, *args, **kwargs):
+        self.tokens_seen()  # trainer_state.json holds the count, for a resume to continue from
+        return super()._save_checkpoint(*args, **kwargs)
 
     def _fsdp_models(self):
         """(FSDP root, the PeftModel inside it) once the Trainer has wrapped the model in FSDP, else None."""
@@ -129,16 +162,30 @@ def one_gpu_per_process(training_args):
     return training_args
 
 
-def max_over_processes(value):
-    """The largest integer `value` over the processes of a torchrun / accelerate run (`value` itself when there
-    is one process). Collective: every process must call it."""
+def distributed():
     import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
+    return dist.is_available() and dist.is_initialized()
+
+
+def max_over_processes(value, group=None):
+    """The largest integer `value` over the processes of a torchrun / accelerate run (`value` itself when there
+    is one process). Collective: every process must call it. `group`: a CPU (gloo) group, see cpu_group."""
+    import torch.distributed as dist
+    if not distributed():
         return value
-    nccl = "nccl" in str(dist.get_backend())
-    flag = torch.tensor([value], dtype=torch.int64, device=f"cuda:{torch.cuda.current_device()}" if nccl else "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    on_gpu = group is None and "nccl" in str(dist.get_backend())
+    flag = torch.tensor([value], dtype=torch.int64, device=f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return int(flag.item())
+
+
+def cpu_group():
+    """A process group over the CPU (gloo) for small flags: exchanging them through NCCL would make each process
+    wait for its GPU to finish all queued work first. None when not distributed or already on gloo. Collective."""
+    import torch.distributed as dist
+    if not distributed() or "gloo" in str(dist.get_backend()):
+        return None
+    return dist.new_group(backend="gloo")
 
 
 class GracefulStop(TrainerCallback):
@@ -149,7 +196,7 @@ class GracefulStop(TrainerCallback):
     across ranks so that all of them stop at the same step."""
 
     def __init__(self):
-        self.signum, self._previous = None, {}
+        self.signum, self._previous, self.group = None, {}, None
 
     def _handle(self, signum, frame):
         if self.signum is not None:  # a second signal: give up waiting for the step to end
@@ -161,13 +208,15 @@ class GracefulStop(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
+        if self.group is None:
+            self.group = cpu_group()
 
     def on_train_end(self, args, state, control, **kwargs):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if max_over_processes(int(self.signum is not None)):
+        if max_over_processes(int(self.signum is not None), self.group):  # on the CPU: no wait for the GPU
             self.signum = self.signum or signal.SIGTERM
             control.should_save = True
             control.should_training_stop = True
@@ -180,10 +229,11 @@ class Throughput(TrainerCallback):
 
     def __init__(self):
         self.start = self.tokens_per_second = None
+        self.tokens_seen = None  # set by our Trainer: brings state.num_input_tokens_seen up to date
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.start is None:
-            self.start = (time.perf_counter(), state.num_input_tokens_seen)
+            self.start = (time.perf_counter(), self.tokens_seen() if self.tokens_seen else state.num_input_tokens_seen)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.start is not None:
