@@ -42,6 +42,8 @@ def parse_args(argv=None):
                    help="user message lengths in words, cycled over the turns")
     g.add_argument("--hf_static", action="store_true",
                    help="also time generate(cache_implementation='static') (compiles for a minute or more)")
+    g.add_argument("--profile", action="store_true", help="also profile a 64-token reply after the turns: GPU "
+                   "kernels by time and the GPU's idle time between them (CUDA only)")
     g.add_argument("--json", default=None, help="also write the results to this file")
     return p.parse_args(argv)
 
@@ -160,6 +162,17 @@ def main(args):
     results["stream_summary"] = {"median_tokens_per_s_turn2+": statistics.median(t["tokens_per_s"] for t in later),
                                  "median_ttft_s_turn2+": statistics.median(t["ttft_s"] for t in later),
                                  "first_turn_ttft_s": turns[0]["ttft_s"]}
+
+    if args.profile and torch.cuda.is_available():
+        from torch.profiler import ProfilerActivity, profile
+        settings = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in chat.stream(history, messages[0], settings):
+                pass
+            sync()
+        print(f"=== profile: a 64-token reply after {len(turns)} turns ===")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+        print("GPU idle:", json.dumps(common.gpu_idle(prof, min_gap_us=20.0)), flush=True)
 
     # ---- greedy agreement with generate ----
     n = min(args.verify_tokens, len(reference))

@@ -166,6 +166,19 @@ def profile(step, batch, name):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=70),
           flush=True)
+    if not torch.cuda.is_available():
+        return
+    print("GPU idle within the 2 steps:", json.dumps(common.gpu_idle(prof)), flush=True)
+    waits = common.host_waits(lambda: step(batch))
+    print(f"CPU waits for the GPU in one step: {sum(waits.values())}", flush=True)
+    for where, count in sorted(waits.items(), key=lambda kv: -kv[1]):
+        print(f"  {count} x {where}")
+    sync()
+    mem = common.memory_at_peak(lambda: (step(batch), sync()))
+    print(f"memory: {mem['before_gib']:.2f} GiB before the step, peak {mem['peak_gib']:.2f} GiB; alive at the peak "
+          "(MiB, blocks, allocated at):", flush=True)
+    for size, count, where in mem["alive_at_peak"]:
+        print(f"  {size:9.1f} {count:5d}  {where}", flush=True)
 
 
 def fixed_batches(args, vocab, n=None):

@@ -175,3 +175,89 @@ def versions():
 def emit(record):
     """One result line a parent process (or a reader of the log) picks up."""
     print("RESULT " + json.dumps(record), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Diagnostics for --profile (CUDA only): where a step waits, where the GPU idles, what is alive at the peak
+# ---------------------------------------------------------------------------------------------------------
+
+def _caller(stack, skip=("/torch/", "/warnings.py", "common.py")):
+    """The innermost frames of `stack` (traceback.FrameSummary list) outside torch and this file."""
+    mine = [f for f in stack if not any(s in f.filename for s in skip)]
+    return " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(mine[-3:]))
+
+
+def host_waits(fn):
+    """Run fn() under torch.cuda's sync debug mode; {where: count} of each operation that made the CPU wait for
+    the GPU (.item(), nonzero, blocking copies, ...), `where` being the calling Python frames."""
+    import traceback
+    import warnings
+    found = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" in str(message):
+            where = _caller(traceback.extract_stack()[:-1])
+            found[where] = found.get(where, 0) + 1
+
+    saved = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            warnings.showwarning = saved
+    return found
+
+
+def gpu_idle(prof, min_gap_us=100.0):
+    """From a torch.profiler run: the span from the first to the last GPU kernel or copy, the time with none
+    running, and the longest gaps with the kernels either side."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    if not spans:
+        return None
+    gaps, end, last = [], spans[0][1], spans[0][2]
+    for start, stop, name in spans[1:]:
+        if start > end:
+            gaps.append((start - end, last, name))
+        if stop > end:
+            end, last = stop, name
+    span = end - spans[0][0]
+    idle = sum(g for g, _, _ in gaps)
+    long = sorted((g for g in gaps if g[0] >= min_gap_us), reverse=True)
+    return {"span_ms": span / 1e3, "idle_ms": idle / 1e3, "idle_in_gaps_over_min_ms": sum(g for g, _, _ in long) / 1e3,
+            "gaps_over_min": len(long), "longest": [(round(g / 1e3, 2), a[:50], b[:50]) for g, a, b in long[:8]]}
+
+
+def memory_at_peak(fn, top=12):
+    """Run fn() recording the CUDA caching allocator's history; the peak of allocated memory during it and the
+    largest blocks alive at that moment, by the Python frames that allocated them."""
+    base = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+    try:
+        fn()
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    device = torch.cuda.current_device()
+    live, now, peak, at_peak = {}, 0, 0, {}
+    for e in snapshot["device_traces"][device]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            now += e["size"]
+            if now > peak:
+                peak, at_peak = now, dict(live)
+        elif e["action"] in ("free_requested", "free") and e["addr"] in live:
+            now -= live.pop(e["addr"])["size"]
+    groups = {}
+    for e in at_peak.values():
+        frames = [f for f in e.get("frames", []) if not any(s in f["filename"] for s in ("/torch/", "common.py"))]
+        where = " <- ".join(f"{os.path.basename(f['filename'])}:{f['line']} {f['name']}" for f in frames[:3])
+        size, count = groups.get(where, (0, 0))
+        groups[where] = (size + e["size"], count + 1)
+    biggest = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"before_gib": base / 2**30, "peak_gib": (base + peak) / 2**30,
+            "alive_at_peak": [(round(s / 2**20, 1), n, w or "?") for w, (s, n) in biggest]}
