@@ -114,6 +114,8 @@ def main():
     p.add_argument("--micro_batch", type=int, default=4, help="examples per GPU per forward pass")
     p.add_argument("--seq", type=int, default=512, help="tokens per example (--cutoff_len)")
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per training run")
+    p.add_argument("--logging_steps", type=int, default=4, help="the Trainer's logging interval: each log reads "
+                   "the loss back from the GPU, a wait per logged step (finetune.py's default is up to 10)")
     p.add_argument("--only", default="single,ddp,fsdp,infer", help="comma-separated subset of the runs")
     args = p.parse_args()
     only = set(args.only.split(","))
@@ -132,7 +134,8 @@ def main():
     data = write_data(os.path.join(args.out, "data.json"), records, vocab=config.vocab_size)
     train = [os.path.join(ROOT, "finetune.py"), "--base_model", model, "--data_path", data, "--max_steps",
              str(args.steps), "--cutoff_len", str(args.seq), "--per_device_train_batch_size", str(args.micro_batch),
-             "--save_steps", "100000", "--logging_steps", "1", "--report_to", "none", "--optim", "adamw_torch",
+             "--save_steps", "100000", "--logging_steps", str(args.logging_steps), "--report_to", "none",
+             "--optim", "adamw_torch",
              "--learning_rate", "1e-4", "--warmup_ratio", "0", "--lora_dropout", "0", "--prompt_template", "alpaca"]
     launchers = {  # run name -> (command before finetune.py, gradient accumulation, extra flags)
         "single": ([sys.executable], 1),  # one optimizer step per micro-batch, as each DDP process does
