@@ -194,9 +194,11 @@ def main(args):
                                 local_files_only=args.local_files_only, trust_remote_code=args.trust_remote_code,
                                 allow_pickle=args.allow_pickle)
     ckpt_kwargs = {"use_reentrant": False}  # re-entrant checkpointing breaks DDP (pitfall 6)
-    sharded = sharding_here() is not None
-    # the fused path is for one model copy per GPU; fp16 GPUs keep peft's fp32-norm recipe
+    sharded = sharding_here()
+    # the fused path is for one model copy per GPU; fp16 GPUs keep peft's fp32-norm recipe; under FSDP a part of
+    # the speed-ups applies (TrainingSpeedups(fsdp=True)), under ZeRO-3 none (it partitions the output layer too)
     fast = args.speedups and speed.fast_path_dtype_ok() and not sharded
+    fsdp_speedups = args.speedups and speed.fast_path_dtype_ok() and sharded == "fsdp"
     if fast:
         model = speed.prepare_model(model)  # frozen in its compute dtype; the Trainer turns on checkpointing
     elif args.bits in (4, 8) and not sharded:
@@ -218,8 +220,9 @@ def main(args):
     trainable, total = model.get_nb_trainable_parameters()
     log(f"model: {args.base_model} ({info['path']}), {args.bits}-bit on {info['where']}; "
         f"LoRA r={args.lora_r} on {targets}: {trainable:,} trainable of {total:,} parameters")
-    speedups = speed.TrainingSpeedups(model) if fast else None
-    log(speedups.describe() if speedups else "speed-ups: off (--no-speedups, an fp16 GPU, or FSDP/ZeRO-3)")
+    speedups = speed.TrainingSpeedups(model) if fast else \
+        speed.TrainingSpeedups(model, fsdp=True) if fsdp_speedups else None
+    log(speedups.describe() if speedups else "speed-ups: off (--no-speedups, an fp16 GPU, or ZeRO-3)")
 
     # ---- train ----
     dtype = compute_dtype()
@@ -262,7 +265,7 @@ def main(args):
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=val_set,
                       data_collator=speedups.collator(tokenizer) if speedups else D.pad_collate(tokenizer),
                       compute_loss_func=speedups.loss_func if speedups else None, processing_class=tokenizer,
-                      count_tokens=tokens_seen,
+                      count_tokens=tokens_seen, saved_tensors=speedups.saved_tensors if speedups else None,
                       callbacks=[MetaCallback(meta, keep=args.save_total_limit), stopper := GracefulStop(),
                                  Throughput()])
     if args.early_stopping_patience:

@@ -108,3 +108,39 @@ def test_fsdp_checkpoints_hold_the_adapter_match_one_process_and_resume(tiny_lla
     model = PeftModel.from_pretrained(base, str(out / "checkpoint-final"))
     loaded = model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
     assert torch.equal(loaded, final["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"])
+
+
+def test_fsdp_with_speedups_trains_like_one_process(tiny_llama_dir, tmp_path):
+    """The speed-ups that apply under FSDP (packed micro-batches, the chunked loss tied to the outputs so FSDP's
+    backward completes) give one process's training with its full speed-ups at the same global batch."""
+    records = json.loads(open(os.path.join(ROOT, "dataset", "sample.json"), encoding="utf-8").read())[:8]
+    data = tmp_path / "eight.json"
+    data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    common = ["--base_model", tiny_llama_dir, "--data_path", str(data), "--max_steps", "3", "--save_steps", "100",
+              "--cutoff_len", "128", "--lora_dropout", "0", "--learning_rate", "5e-3", "--warmup_ratio", "0",
+              "--logging_steps", "1", "--report_to", "none", "--per_device_train_batch_size", "4"]
+
+    def run(cmd):
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, log[-5000:]
+        return log
+
+    one = tmp_path / "one"
+    log = run([sys.executable, os.path.join(ROOT, "finetune.py"), *common, "--output_dir", str(one),
+               "--gradient_accumulation_steps", "2"])
+    assert "speed-ups: fused LoRA forward" in log
+    out = tmp_path / "fsdp"
+    log = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", cpu_config(tmp_path),
+               os.path.join(ROOT, "tests", "fsdp_on_cpu.py"), *common, "--output_dir", str(out),
+               "--gradient_accumulation_steps", "1"])
+    assert log.count("speed-ups under FSDP: chunked cross entropy on labelled positions, packed micro-batches") == 1
+    final, reference = adapter(out / "checkpoint-final"), adapter(one / "checkpoint-final")
+    assert len(final) == len(reference) == 28
+    gap = max((final[k] - reference[k]).abs().max().item() for k in reference)
+    print(f"largest |FSDP with speed-ups - one process with speed-ups| over the adapter: {gap:.2e}")
+    assert gap < 2e-5
+    one_losses = json.loads((one / "training_summary.json").read_text())["loss_history"]
+    fsdp_losses = json.loads((out / "training_summary.json").read_text())["loss_history"]
+    assert len(fsdp_losses) == 3
+    assert [loss for _, loss in fsdp_losses] == pytest.approx([loss for _, loss in one_losses], rel=1e-4)

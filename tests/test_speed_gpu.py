@@ -34,16 +34,18 @@ def test_cuda_graph_decoder_agrees_with_generate(dtype):
     from utils.decoder import fast_decoder
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(_config(), dtype=dtype).eval()
+        model = LlamaForCausalLM._from_config(_config(ctx=2048), dtype=dtype).eval()
     with torch.no_grad():
         model.lm_head.weight[2] = 0
     engine = fast_decoder(model)
     assert engine.use_graphs and len(engine.fused) == 2 * 3  # q/k/v and gate/up of each layer in one GEMV
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(3, 512, (200,), generator=g).tolist()  # the reply crosses the 256-slot bucket
-    for turn in range(3):
+    for turn in range(4):
         if turn == 2:  # a new, long conversation: the 1024-slot bucket, where attention is two matmuls
             prompt = torch.randint(3, 512, (930,), generator=g).tolist()
+        if turn == 3:  # beyond 1024 slots spans grow by 512: the 1536 bucket
+            prompt = torch.randint(3, 512, (1300,), generator=g).tolist()
         ours = _decode(engine, prompt, 90)
         ref = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=90, do_sample=False,
                              pad_token_id=0, eos_token_id=2)[0, len(prompt):].tolist()
@@ -55,7 +57,7 @@ def test_cuda_graph_decoder_agrees_with_generate(dtype):
             assert ours == ref
         assert deficit.max().item() < (1e-4 if dtype == torch.float32 else 0.1)
         prompt = prompt + ours + torch.randint(3, 512, (30,), generator=g).tolist()
-    assert set(engine.graphs) == {256, 512, 1024} and all(engine.graphs.values())
+    assert set(engine.graphs) == {256, 512, 1024, 1536} and all(engine.graphs.values())
     assert speed.rms_norm.ok and speed.rope.ok  # compiled, not the eager fallback
 
 
@@ -116,3 +118,36 @@ def test_torch_nf4_dequantization_equals_bitsandbytes_cuda_kernel(nested):
     differ = (compiled != ref).sum().item()
     print(f"nested={nested}: compiled differs from bitsandbytes in {differ} of {ref.numel()} weights")
     assert torch.allclose(compiled.float(), ref.float(), rtol=2 ** -7, atol=0)
+
+
+def test_fsdp_speedups_park_checkpointed_inputs_in_cpu_memory():
+    """TrainingSpeedups(fsdp=True).saved_tensors(): the inputs that non-reentrant checkpointing keeps for each
+    layer wait in pinned CPU memory; the gradients are exactly those without it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from utils import speed
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(_config(), dtype=torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.0))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    sp = speed.TrainingSpeedups(model, fsdp=True)
+    assert sp.layers == 0 and sp.park_inputs and sp.loss_func is not None
+    ids = torch.randint(3, 512, (4, 1024), device="cuda")  # 2 MiB of bf16 input per layer
+    grads, held = [], []
+    for parked in (False, True):
+        model.zero_grad(set_to_none=True)
+        with sp.saved_tensors() if parked else torch.enable_grad():
+            before = torch.cuda.memory_allocated()
+            out = model(input_ids=ids, logits_to_keep=1)
+            loss = sp.loss_func(out, ids)
+            held.append(torch.cuda.memory_allocated() - before)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    print("memory held from forward to backward (bytes), plain vs parked:", held)
+    assert held[0] - held[1] >= 3 * 4 * 1024 * 256 * 2 * 0.9  # the 3 layers' inputs
+    for name, g in grads[0].items():
+        assert torch.equal(g, grads[1][name]), name

@@ -20,6 +20,7 @@ What each one removes from the plain transformers + peft + bitsandbytes recipe:
   attention), so no example attends to another; the loss equals the padded batch's (tests/test_speed.py).
 """
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -367,14 +368,30 @@ def fused_loss_problem(model):
     return None
 
 
+class _TieToOutputs(torch.autograd.Function):
+    """loss itself; in the backward pass a zero gradient for `outputs` as well. Under FSDP the root unit's
+    backward hooks sit on the model's outputs (the logits), which the chunked loss does not read: without a
+    gradient there, FSDP would not finish its backward pass (no final callback, no gradient reduction wait)."""
+
+    @staticmethod
+    def forward(ctx, loss, outputs):
+        ctx.shape, ctx.dtype, ctx.device = outputs.shape, outputs.dtype, outputs.device
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
+
+
 class FusedCausalLMLoss:
     """A `compute_loss_func` for the HF Trainer (and the benchmark's loop): loss(outputs, labels,
     num_items_in_batch). It reads the last hidden states from a forward hook on the final norm, so the
     model's own head needs to run on one position only: pass `logits_to_keep=1` (packed_collate does)."""
 
-    def __init__(self, model, chunk_tokens=None):
+    def __init__(self, model, chunk_tokens=None, tie_to_outputs=False):
         lm = causal_lm(model)
         self.head, self.chunk_tokens, self.hidden = lm.get_output_embeddings(), chunk_tokens, None
+        self.tie_to_outputs = tie_to_outputs  # FSDP: see _TieToOutputs
         self._hook = lm.get_decoder().norm.register_forward_hook(self._keep)
 
     def _keep(self, module, args, output):
@@ -384,7 +401,11 @@ class FusedCausalLMLoss:
         hidden, self.hidden = self.hidden, None
         if hidden is None:
             raise RuntimeError("FusedCausalLMLoss: the model's final norm did not run before the loss")
-        return linear_cross_entropy(hidden, self.head.weight, labels, num_items_in_batch, self.chunk_tokens)
+        loss = linear_cross_entropy(hidden, self.head.weight, labels, num_items_in_batch, self.chunk_tokens)
+        logits = getattr(outputs, "logits", None)
+        if self.tie_to_outputs and torch.is_tensor(logits) and logits.requires_grad:
+            loss = _TieToOutputs.apply(loss, logits)
+        return loss
 
     def remove(self):
         self._hook.remove()
@@ -446,17 +467,35 @@ def with_logits_to_keep(collate, logits_to_keep=1):
 # All of it, for finetune.py and the benchmark
 # ---------------------------------------------------------------------------------------------------------
 
+def _park(t):
+    """Saved-tensor pack hook: activations of 1 MiB or more (never parameters or other leaves) go to pinned CPU
+    memory on a side stream (utils.fused_layer.offload)."""
+    from utils.fused_layer import offload
+    if t.is_cuda and t.grad_fn is not None and t.numel() * t.element_size() >= 1 << 20:
+        return offload.park(t), t.device
+    return t
+
+
+def _fetch(packed):
+    from utils.fused_layer import offload
+    return offload.fetch(*packed) if isinstance(packed, tuple) else packed
+
+
 class TrainingSpeedups:
     """What `enable` switched on, with the collator and Trainer loss function that go with it."""
 
-    def __init__(self, model, packing=True, park_inputs=True):
+    def __init__(self, model, packing=True, park_inputs=True, fsdp=False):
+        """fsdp=True: the part that works with FSDP1 sharding (packing, the chunked loss, checkpointed layer
+        inputs parked in CPU memory through saved-tensor hooks); the module fusions are left out, since FSDP
+        wraps the decoder layers by class and flattens their weights."""
         from utils.fused_layer import fuse_decoder_layers
         causal_lm(model).config.use_cache = False  # training never reads a KV cache; the fused layers need none
-        self.norms, self.mlps = fuse_modules(model)
-        self.layers = fuse_decoder_layers(model, park_inputs=park_inputs)
+        self.fsdp = fsdp
+        self.norms, self.mlps = (0, 0) if fsdp else fuse_modules(model)
+        self.layers = 0 if fsdp else fuse_decoder_layers(model, park_inputs=park_inputs)
         self.park_inputs = park_inputs and torch.cuda.is_available()
         problem = fused_loss_problem(model)
-        self.loss_func = FusedCausalLMLoss(model) if problem is None else None
+        self.loss_func = FusedCausalLMLoss(model, tie_to_outputs=fsdp) if problem is None else None
         self.loss_note = "chunked cross entropy on labelled positions" if problem is None \
             else f"plain loss ({problem})"
         self.packing = packing
@@ -466,6 +505,14 @@ class TrainingSpeedups:
         self.cudnn_attention_off = torch.cuda.is_available() and torch.backends.cuda.cudnn_sdp_enabled()
         if self.cudnn_attention_off:
             torch.backends.cuda.enable_cudnn_sdp(False)
+
+    def saved_tensors(self):
+        """The context the Trainer runs each forward pass and loss in. Under FSDP with a GPU: the checkpointed
+        layers' inputs (what non-reentrant checkpointing saves for the backward pass, ~16 MiB a layer at 2k
+        tokens x 4096) wait in pinned CPU memory, as the fused layers' inputs do on one GPU."""
+        if not (self.fsdp and self.park_inputs):
+            return contextlib.nullcontext()
+        return torch.autograd.graph.saved_tensors_hooks(_park, _fetch)
 
     def collator(self, tokenizer):
         from utils.data import pad_collate
@@ -479,6 +526,11 @@ class TrainingSpeedups:
         kernels = "compiled" if compile_available() else "eager (no CUDA compile here)"
         layers = f"{self.layers} decoder layers as one fused function each ({kernels}"
         layers += ", checkpointed inputs parked in CPU memory)" if self.park_inputs else ")"
+        if self.fsdp:
+            return (f"speed-ups under FSDP: {self.loss_note}, "
+                    f"{'packed micro-batches (no padding)' if self.packing else 'padded micro-batches'}"
+                    f"{', checkpointed layer inputs parked in CPU memory' if self.park_inputs else ''}; the fused "
+                    "layers are off (FSDP wraps the decoder layers by class and flattens their weights)")
         return (f"speed-ups: fused LoRA forward in {self.fused_lora} layers, fused RMSNorm x{self.norms} and "
                 f"SwiGLU x{self.mlps} ({kernels}), {layers}, {self.loss_note}, "
                 f"{'packed micro-batches (no padding)' if self.packing else 'padded micro-batches'}"

@@ -54,8 +54,9 @@ class Trainer(transformers.Trainer):
     The final save and every checkpoint-N go through save_model; resume and the best checkpoint through
     _load_from_checkpoint and _load_best_model."""
 
-    def __init__(self, *args, count_tokens=None, **kwargs):
+    def __init__(self, *args, count_tokens=None, saved_tensors=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.saved_tensors = saved_tensors  # a context for forward + loss (TrainingSpeedups.saved_tensors)
         # The Trainer's own token count (include_num_input_tokens_seen) reads it back from the GPU after every
         # micro-batch: a GPU->CPU wait per step, and under DDP a collective as well, which kept 2 GPUs from
         # scaling. Here the count stays on the device (or is the batch's shape) and is added up across
@@ -71,6 +72,12 @@ class Trainer(transformers.Trainer):
             mask = inputs.get("attention_mask") if self.count_tokens == "non_padding" else None
             self._uncounted = self._uncounted + (mask.sum() if mask is not None else inputs["input_ids"].numel())
         return super().training_step(model, inputs, *args, **kwargs)
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if self.saved_tensors is None:
+            return super().compute_loss(model, inputs, *args, **kwargs)
+        with self.saved_tensors():
+            return super().compute_loss(model, inputs, *args, **kwargs)
 
     def tokens_seen(self):
         """state.num_input_tokens_seen brought up to date with the micro-batches of every process. Collective:
