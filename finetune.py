@@ -267,7 +267,7 @@ def main(args):
                       compute_loss_func=speedups.loss_func if speedups else None, processing_class=tokenizer,
                       count_tokens=tokens_seen, saved_tensors=speedups.saved_tensors if speedups else None,
                       callbacks=[MetaCallback(meta, keep=args.save_total_limit), stopper := GracefulStop(),
-                                 Throughput()])
+                                 throughput := Throughput()])
     if args.early_stopping_patience:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
         log(f"early stopping: after {args.early_stopping_patience} evaluations without a lower eval loss; "
@@ -278,7 +278,7 @@ def main(args):
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     # before the final save; the processes' peaks differ under FSDP / ZeRO-3, and the summary (written by
     # process 0) reports the largest
-    peak_gpu = max_over_processes(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
+    peak_gpu = tuple(max_over_processes(b) for b in throughput.gpu_peaks()) if torch.cuda.is_available() else None
     if stopper.signum is not None:
         log(f"stopped at step {trainer.state.global_step}; checkpoint saved in {args.output_dir}. Continue with "
             "the same command plus --resume_from_checkpoint latest")

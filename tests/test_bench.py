@@ -59,13 +59,16 @@ def test_decode_benchmark_matches_generate_on_cpu():
 def test_multi_gpu_comparison_records_the_targets():
     import multi_gpu
     def run(tokens_per_s, peak, losses):
-        return {"tokens_seen": 4096, "tokens_per_second_after_first_step": tokens_per_s, "peak_gpu_memory_gib": peak,
+        return {"tokens_seen": 4096, "tokens_per_second_after_first_step": tokens_per_s * 0.9,
+                "tokens_per_second_second_half": tokens_per_s, "peak_gpu_memory_gib": peak,
                 "loss_history": [[i + 1, loss] for i, loss in enumerate(losses)]}
     results = {"single": run(1000.0, 10.0, [11.2, 11.1]), "ddp": run(1900.0, 9.0, [11.2, 11.1]),
                "fsdp": run(700.0, 6.5, [11.2, 11.12]), "single_plain": run(600.0, 11.0, [11.2, 11.1])}
     results["ddp"]["tokens_seen"] = 8192  # two processes, one micro-batch each per step
     c = multi_gpu.comparison(results)
     assert c["ddp_speedup"] == 1.9 and c["ddp_speedup_met"] is True and c["ddp_tokens_over_single_tokens"] == 2
+    results["ddp"]["tokens_per_second_after_first_step"] = 1500.0  # slower first steps count only in this ratio
+    assert multi_gpu.comparison(results)["ddp_speedup_after_first_step"] == round(1500 / 900, 3)
     assert c["fsdp_peak_over_single_peak"] == 0.65 and c["fsdp_peak_over_single_peak_met"] is False
     assert c["fsdp_peak_over_single_plain_peak"] == 0.591 and c["fsdp_peak_over_single_plain_peak_met"] is True
     assert c["max_loss_diff_ddp_fsdp"] == pytest.approx(0.02) and c["max_loss_diff_ddp_fsdp_met"] is False

@@ -31,7 +31,7 @@ def test_val_set_size_logs_eval_loss_perplexity_and_tensorboard(tiny_llama_dir, 
     assert f"perplexity {summary['final_eval_perplexity']:.3f}" in log
     # 4 steps x 2 examples of real (unpadded) tokens, counted by the Trainer; cutoff 128 bounds them
     assert 8 * 10 < summary["tokens_seen"] <= 8 * 128 and summary["tokens_per_second"] > 0
-    assert summary["tokens_per_second_after_first_step"] > 0
+    assert summary["tokens_per_second_after_first_step"] > 0 and summary["tokens_per_second_second_half"] > 0
     assert summary["peak_process_memory_gib"] > 0.1
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     events = glob.glob(str(out / "runs" / "*" / "events.out.tfevents.*"))  # TensorBoard is on by default

@@ -232,21 +232,48 @@ class GracefulStop(TrainerCallback):
 
 class Throughput(TrainerCallback):
     """Tokens per second after the first optimizer step, so start-up costs (CUDA context, kernel selection,
-    data loader workers) do not count; `run_summary` reports it next to the whole-run figure."""
+    data loader workers) do not count, and over the second half of the steps (compilation and allocator
+    warm-up, which can last a few steps, left out: the steady rate); `run_summary` reports them next to the
+    whole-run figure. Also the GPU peak from the first step on (setup, e.g. FSDP wrapping, excluded), beside
+    the whole run's peak."""
 
     def __init__(self):
-        self.start = self.tokens_per_second = None
+        self.start = self.half = self.tokens_per_second = self.tokens_per_second_second_half = None
+        self.setup_peak_bytes = None
         self.tokens_seen = None  # set by our Trainer: brings state.num_input_tokens_seen up to date
+
+    def _mark(self, state):
+        return time.perf_counter(), self.tokens_seen() if self.tokens_seen else state.num_input_tokens_seen
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            self.setup_peak_bytes = torch.cuda.max_memory_allocated()  # loading and wrapping the model
+            torch.cuda.reset_peak_memory_stats()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.start is None:
-            self.start = (time.perf_counter(), self.tokens_seen() if self.tokens_seen else state.num_input_tokens_seen)
+            self.start = self._mark(state)
+        if self.half is None and state.max_steps >= 4 and state.global_step == state.max_steps // 2:
+            self.half = self._mark(state)
+
+    @staticmethod
+    def _rate(mark, state):
+        seconds = time.perf_counter() - mark[0]
+        tokens = state.num_input_tokens_seen - mark[1]
+        return round(tokens / seconds, 1) if tokens and seconds > 0 else None
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.start is not None:
-            seconds = time.perf_counter() - self.start[0]
-            tokens = state.num_input_tokens_seen - self.start[1]
-            self.tokens_per_second = round(tokens / seconds, 1) if tokens and seconds > 0 else None
+            self.tokens_per_second = self._rate(self.start, state)
+        if self.half is not None:
+            self.tokens_per_second_second_half = self._rate(self.half, state)
+
+    def gpu_peaks(self):
+        """(whole run, training steps only) peak bytes allocated on this process's GPU so far."""
+        steps = torch.cuda.max_memory_allocated()
+        if self.setup_peak_bytes is None:
+            return steps, steps
+        return max(self.setup_peak_bytes, steps), steps
 
 
 class MetaCallback(TrainerCallback):
@@ -368,6 +395,15 @@ def run_summary(trainer, history, wall_seconds, peak_gpu_bytes=None):
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
     end = next((h for h in reversed(history) if "train_runtime" in h), {})
     tokens = trainer.state.num_input_tokens_seen  # non-padding tokens, summed over all processes
+    throughput = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, Throughput)), None)
+    if isinstance(peak_gpu_bytes, tuple):  # (whole run, training steps)
+        peak_gpu_bytes, peak_steps_bytes = peak_gpu_bytes
+    else:
+        peak_steps_bytes = None
+
+    def gib(n):
+        return round(n / 2**30, 2) if n is not None else None
+
     runtime = end.get("train_runtime")
     return {
         "global_step": trainer.state.global_step,
@@ -379,12 +415,13 @@ def run_summary(trainer, history, wall_seconds, peak_gpu_bytes=None):
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "tokens_seen": tokens,
         "tokens_per_second": round(tokens / runtime, 1) if tokens and runtime else None,
-        "tokens_per_second_after_first_step": next((cb.tokens_per_second for cb in trainer.callback_handler.callbacks
-                                                    if isinstance(cb, Throughput)), None),
+        "tokens_per_second_after_first_step": throughput and throughput.tokens_per_second,
+        "tokens_per_second_second_half": throughput and throughput.tokens_per_second_second_half,
         "train_runtime_s": runtime,
         "train_samples_per_second": end.get("train_samples_per_second"),
         "wall_time_s": round(wall_seconds, 1),
-        "peak_gpu_memory_gib": round(peak_gpu_bytes / 2**30, 2) if peak_gpu_bytes is not None else None,
+        "peak_gpu_memory_gib": gib(peak_gpu_bytes),
+        "peak_gpu_memory_steps_gib": gib(peak_steps_bytes),  # from the first step on (no loading / wrapping)
         "peak_process_memory_gib": round(_peak_rss_bytes() / 2**30, 2),
         "loss_history": [[h["step"], h["loss"]] for h in history if "loss" in h],
         "eval_loss_history": [[h["step"], h["eval_loss"]] for h in history if "eval_loss" in h],
