@@ -243,7 +243,9 @@ class Throughput(TrainerCallback):
         self.tokens_seen = None  # set by our Trainer: brings state.num_input_tokens_seen up to date
 
     def _mark(self, state):
-        return time.perf_counter(), self.tokens_seen() if self.tokens_seen else state.num_input_tokens_seen
+        # the count first: bringing it up to date waits for the GPU, which may be steps behind the CPU here
+        tokens = self.tokens_seen() if self.tokens_seen else state.num_input_tokens_seen
+        return time.perf_counter(), tokens
 
     def on_train_begin(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
