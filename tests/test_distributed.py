@@ -57,3 +57,38 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama_d
     assert [s for s, _ in one] == [s for s, _ in two] == [1, 2, 3, 4, 5]
     assert one[-1][1] < one[0][1] - 0.01  # the adapters do move, so a later match means equal updates
     assert [loss for _, loss in two] == pytest.approx([loss for _, loss in one], rel=1e-4)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tiny_llama_dir, tmp_path):
+    """SIGTERM reaches only rank 1 (as when a scheduler kills one task): the stop flag is combined over a CPU
+    (gloo) group, so both ranks finish the same step, write one complete checkpoint and exit 128 + 15."""
+    import signal
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    from utils.training import checkpoint_problem, step_checkpoints
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+           os.path.join(ROOT, "finetune.py"), "--base_model", tiny_llama_dir, "--output_dir", str(out),
+           "--max_steps", "400", "--per_device_train_batch_size", "2", "--save_steps", "1000", "--cutoff_len", "128",
+           "--logging_steps", "1", "--report_to", "none"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    output, deadline = [], time.time() + 300
+    for line in proc.stdout:
+        output.append(line)
+        if sum(x.count("'loss'") for x in output) >= 2:
+            break
+        assert time.time() < deadline, "".join(output)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+    assert len(workers) == 1, workers
+    workers[0].send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=300)
+    log = "".join(output) + rest
+    assert log.count("SIGTERM received") == 1, log[-4000:]
+    stopped = [line for line in log.splitlines() if "stopped at step" in line]
+    assert len(stopped) == 1, log[-4000:]  # rank 0 says it, for both
+    saved = step_checkpoints(str(out))
+    assert len(saved) == 1 and checkpoint_problem(saved[0]) is None, (saved, log[-3000:])
+    step = int(saved[0].rsplit("-", 1)[1])
+    assert f"stopped at step {step};" in stopped[0] and step < 400

@@ -188,11 +188,9 @@ def max_over_processes(value, group=None):
 
 def cpu_group():
     """A process group over the CPU (gloo) for small flags: exchanging them through NCCL would make each process
-    wait for its GPU to finish all queued work first. None when not distributed or already on gloo. Collective."""
+    wait for its GPU to finish all queued work first. None when not distributed. Collective."""
     import torch.distributed as dist
-    if not distributed() or "gloo" in str(dist.get_backend()):
-        return None
-    return dist.new_group(backend="gloo")
+    return dist.new_group(backend="gloo") if distributed() else None
 
 
 class GracefulStop(TrainerCallback):
