@@ -177,6 +177,19 @@ def test_linear_cross_entropy_masks_ignored_rows_without_selecting_them():
         ref.backward()
         assert abs(loss.item() - ref.item()) < 1e-5, (items, chunk)
         torch.testing.assert_close(mine, hidden.grad, atol=1e-6, rtol=1e-5)
+    # an ignored row holding NaN (a fully masked padded position) changes nothing
+    with torch.no_grad():
+        poisoned = hidden.detach().clone()
+        poisoned[0, 2] = float("nan")
+    poisoned.requires_grad_(True)
+    loss = speed.linear_cross_entropy(poisoned, weight, labels, None, chunk_tokens=5)
+    loss.backward()
+    clean = hidden.detach().clone().requires_grad_(True)
+    ref = speed.linear_cross_entropy(clean, weight, labels, None, chunk_tokens=5)
+    ref.backward()
+    assert loss.item() == ref.item()
+    torch.testing.assert_close(poisoned.grad[:, 3:], clean.grad[:, 3:])
+    assert poisoned.grad[0, 2].abs().max().item() == 0.0
     hidden.grad = None
     nothing = speed.linear_cross_entropy(hidden, weight, torch.full_like(labels, -100), torch.tensor(0))
     nothing.backward()

@@ -308,9 +308,9 @@ def lora_config(bits, fused=True, **kwargs):
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum over kept rows of cross_entropy(h W^T, t) / divisor, in chunks of rows. The gradient with respect to h
     is computed chunk by chunk in the forward pass (W is frozen), so only one chunk's logits exist at a time.
-    Rows whose target is -100 are computed and multiplied by 0 rather than selected out: selecting would need
-    their count on the CPU, a GPU->CPU wait in the middle of every step (the lm_head matmul of those rows costs
-    well under 1% of a step)."""
+    Rows whose target is -100 are computed and then masked out rather than selected out: selecting would need
+    their count on the CPU, a GPU->CPU wait in the middle of every step (the lm_head matmul of those rows
+    costs well under 1% of a step)."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, divisor, chunk):
@@ -323,11 +323,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             keep = t != IGNORE_INDEX
             t = t.clamp_min(0)
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            total += ((lse - logits.gather(1, t)) * keep).sum()
+            # where(), not a product with 0: an ignored row may hold inf / NaN (a padded position), dropped here
+            total += torch.where(keep, lse - logits.gather(1, t), 0.0).sum()
             if grad is not None:
                 p = logits.sub_(lse).exp_()  # softmax, in place of the logits
                 p.scatter_add_(1, t, torch.full_like(t, -1, dtype=p.dtype))
-                grad[s:s + chunk] = p.mul_(keep / divisor).to(h.dtype) @ w
+                grad[s:s + chunk] = torch.where(keep, p.div_(divisor), 0.0).to(h.dtype) @ w
         ctx.save_for_backward(grad)
         return total / divisor
 
