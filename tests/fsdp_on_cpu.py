@@ -9,7 +9,7 @@ GPU-like process groups (accelerate/state.py, the branch listing MULTI_GPU, MULT
 devices found", accelerate/utils/dataclasses.py). torch's FSDP1 itself shards on the CPU. So here, and only
 here, accelerate takes its FSDP path on MULTI_CPU with the device "cpu" (FSDP rejects accelerate's "cpu:0"
 next to parameters on "cpu"), and finetune.py is told that the model is sharded (utils.modeling.sharding_here),
-so it loads and trains the model as on GPUs: 4-bit weights in float storage, no fp32 upcast, no fused path.
+so it loads and trains the model as on GPUs: 4-bit weights in float storage, no fp32 upcast, no fused layers.
 """
 
 import os
