@@ -4,6 +4,7 @@ single-process run with the same global batch."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -68,22 +69,31 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(ti
     psutil = pytest.importorskip("psutil")
     from utils.training import checkpoint_problem, step_checkpoints
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+    with socket.socket() as s:  # a free port: a fixed one may be held by another run on this machine
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            os.path.join(ROOT, "finetune.py"), "--base_model", tiny_llama_dir, "--output_dir", str(out),
            "--max_steps", "400", "--per_device_train_batch_size", "2", "--save_steps", "1000", "--cutoff_len", "128",
            "--logging_steps", "1", "--report_to", "none"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    output, deadline = [], time.time() + 300
-    for line in proc.stdout:
-        output.append(line)
-        if sum(x.count("'loss'") for x in output) >= 2:
-            break
-        assert time.time() < deadline, "".join(output)
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
-    assert len(workers) == 1, workers
-    workers[0].send_signal(signal.SIGTERM)
-    rest, _ = proc.communicate(timeout=300)
+    try:
+        output, deadline = [], time.time() + 300
+        for line in proc.stdout:  # the Trainer's {'loss': ...} lines, one per step, from rank 0
+            output.append(line)
+            if sum("{'loss'" in x for x in output) >= 2:
+                break
+            assert time.time() < deadline, "".join(output)
+        assert sum("{'loss'" in x for x in output) >= 2, "".join(output)[-3000:]  # not ended early
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+        assert len(workers) == 1, (workers, "".join(output)[-3000:])
+        workers[0].send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=300)
+    finally:  # never leave the processes behind, whatever failed
+        for child in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
+            child.kill()
+        proc.kill()
     log = "".join(output) + rest
     assert log.count("SIGTERM received") == 1, log[-4000:]
     stopped = [line for line in log.splitlines() if "stopped at step" in line]
