@@ -90,3 +90,21 @@ def test_tokens_seen_counts_every_real_token(tiny_llama_dir, tmp_path):
                               "--gradient_accumulation_steps", "2", "--save_steps", "100", "--report_to", "none",
                               flag)
         assert summary["tokens_seen"] == 3 * 2 * 2 * 128, (flag, summary["tokens_seen"])
+
+
+def test_a_nan_loss_is_logged_as_nan_and_said_once(tiny_llama_dir, tmp_path):
+    """The HF Trainer would replace a NaN loss by the running mean (logging_nan_inf_filter) and hide a diverged
+    run; finetune.py logs it as it is and prints one warning."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    broken = tmp_path / "nan-model"
+    shutil.copytree(tiny_llama_dir, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    weights["model.norm.weight"][0] = float("nan")  # every hidden state, so every loss, becomes NaN
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    log, summary = finetune(str(broken), tmp_path / "out", "--max_steps", "3", "--logging_steps", "1",
+                            "--report_to", "none")
+    assert log.count("warning: loss is nan at step 1: training has diverged") == 1, log[-2000:]
+    assert "warning: loss is nan at step 2" not in log  # once
+    assert [math.isnan(loss) for _, loss in summary["loss_history"]] == [True, True, True]

@@ -91,6 +91,10 @@ class Trainer(transformers.Trainer):
     def log(self, logs, *args, **kwargs):
         if "eval_loss" in logs:
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+        warning = non_finite_loss_warning(logs, self.state.global_step)
+        if warning and not getattr(self, "_warned_non_finite", False) and self.is_world_process_zero():
+            self._warned_non_finite = True
+            print(warning, flush=True)
         if self.count_tokens:
             logs["num_input_tokens_seen"] = self.tokens_seen()
         super().log(logs, *args, **kwargs)
@@ -145,6 +149,17 @@ class Trainer(transformers.Trainer):
         if self._fsdp_models() is None:
             return super()._load_best_model()
         self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+def non_finite_loss_warning(logs, step):
+    """One line when a logged loss is NaN or infinite, else None. The Trainer's own filter would have replaced it
+    by the running mean and hidden it (pitfall 4); here it is logged as it is, and said once."""
+    for key in ("loss", "eval_loss"):
+        value = logs.get(key)
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            return (f"warning: {key} is {value} at step {step}: training has diverged (fp16 overflow, too high a "
+                    "learning rate, or bad data); the adapter saved from here on is damaged")
+    return None
 
 
 def report_targets(report_to, log=print):
