@@ -91,6 +91,9 @@ def parse_args(argv=None):
     g.add_argument("--report_to", default="auto",
                    help="tensorboard, wandb, ... (comma-separated) or none; auto = tensorboard when installed "
                         "(logs in <output_dir>/runs)")
+    g.add_argument("--profile_steps", default=None, metavar="A-B",
+                   help="run the PyTorch profiler over optimizer steps A to B and write, per process, a trace and "
+                        "a table of where the time went into <output_dir>/profile (e.g. 10-12)")
     return p.parse_args(argv)
 
 
@@ -127,6 +130,12 @@ def validate_args(args):
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest" \
             and not os.path.isdir(args.resume_from_checkpoint):
         problems.append(f"--resume_from_checkpoint: no such folder: {args.resume_from_checkpoint}")
+    if args.profile_steps is not None:
+        from utils.profiling import parse_steps
+        try:
+            args.profile_window = parse_steps(args.profile_steps)
+        except ValueError as e:
+            problems.append(f"--profile_steps: {e}")
     if problems:
         raise UserError("; ".join(problems))
     args.bits = resolve_bits(args, default=4)
@@ -268,6 +277,12 @@ def main(args):
                       count_tokens=tokens_seen, saved_tensors=speedups.saved_tensors if speedups else None,
                       callbacks=[MetaCallback(meta, keep=args.save_total_limit), stopper := GracefulStop(),
                                  throughput := Throughput()])
+    if args.profile_steps is not None:
+        from utils.profiling import StepProfiler
+        first, last = args.profile_window
+        trainer.add_callback(StepProfiler(first, last, os.path.join(args.output_dir, "profile"),
+                                          rank=training_args.process_index))
+        log(f"profiling optimizer steps {first}-{last} into {os.path.join(args.output_dir, 'profile')}")
     if args.early_stopping_patience:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
         log(f"early stopping: after {args.early_stopping_patience} evaluations without a lower eval loss; "

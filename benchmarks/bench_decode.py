@@ -165,6 +165,8 @@ def main(args):
 
     if args.profile and torch.cuda.is_available():
         from torch.profiler import ProfilerActivity, profile
+
+        from utils.profiling import gpu_idle
         settings = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in chat.stream(history, messages[0], settings):
@@ -172,7 +174,7 @@ def main(args):
             sync()
         print(f"=== profile: a 64-token reply after {len(turns)} turns ===")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
-        print("GPU idle:", json.dumps(common.gpu_idle(prof, min_gap_us=20.0)), flush=True)
+        print("GPU idle:", json.dumps(gpu_idle(prof, min_gap_us=20.0)), flush=True)
 
     # ---- greedy agreement with generate ----
     n = min(args.verify_tokens, len(reference))

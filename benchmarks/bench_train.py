@@ -168,7 +168,8 @@ def profile(step, batch, name):
           flush=True)
     if not torch.cuda.is_available():
         return
-    print("GPU idle within the 2 steps:", json.dumps(common.gpu_idle(prof)), flush=True)
+    from utils.profiling import gpu_idle  # here: unsloth's worker must import unsloth before transformers
+    print("GPU idle within the 2 steps:", json.dumps(gpu_idle(prof)), flush=True)
     waits = common.host_waits(lambda: step(batch))
     print(f"CPU waits for the GPU in one step: {sum(waits.values())}", flush=True)
     for where, count in sorted(waits.items(), key=lambda kv: -kv[1]):

@@ -212,26 +212,6 @@ def host_waits(fn):
     return found
 
 
-def gpu_idle(prof, min_gap_us=100.0):
-    """From a torch.profiler run: the span from the first to the last GPU kernel or copy, the time with none
-    running, and the longest gaps with the kernels either side."""
-    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
-    if not spans:
-        return None
-    gaps, end, last = [], spans[0][1], spans[0][2]
-    for start, stop, name in spans[1:]:
-        if start > end:
-            gaps.append((start - end, last, name))
-        if stop > end:
-            end, last = stop, name
-    span = end - spans[0][0]
-    idle = sum(g for g, _, _ in gaps)
-    long = sorted((g for g in gaps if g[0] >= min_gap_us), reverse=True)
-    return {"span_ms": span / 1e3, "idle_ms": idle / 1e3, "idle_in_gaps_over_min_ms": sum(g for g, _, _ in long) / 1e3,
-            "gaps_over_min": len(long), "longest": [(round(g / 1e3, 2), a[:50], b[:50]) for g, a, b in long[:8]]}
-
-
 def memory_at_peak(fn, top=12):
     """Run fn() recording the CUDA caching allocator's history; the peak of allocated memory during it and the
     largest blocks alive at that moment, by the Python frames that allocated them."""

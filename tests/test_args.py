@@ -105,7 +105,7 @@ def test_validate_args_lists_every_bad_flag_in_one_message(tmp_path):
     args = ft_args(tmp_path, "--cutoff_len", "0", "--lora_r", "-1", "--gradient_accumulation_steps", "0",
                    "--lora_dropout", "1", "--learning_rate", "0", "--num_train_epochs", "0",
                    "--val_set_size", "2.5", "--data_path", str(missing),
-                   "--resume_from_checkpoint", str(tmp_path / "nockpt"))
+                   "--resume_from_checkpoint", str(tmp_path / "nockpt"), "--profile_steps", "5-2")
     with pytest.raises(UserError) as e:
         finetune.validate_args(args)
     message = str(e.value)
@@ -113,7 +113,8 @@ def test_validate_args_lists_every_bad_flag_in_one_message(tmp_path):
                  "--gradient_accumulation_steps must be >= 1, got 0", "--lora_dropout must be in [0, 1), got 1.0",
                  "--learning_rate must be > 0, got 0.0", "--num_train_epochs > 0 or --max_steps > 0",
                  "--val_set_size must be a count or a fraction in (0, 1), got 2.5",
-                 f"--data_path: file not found: {missing}", "--resume_from_checkpoint: no such folder"):
+                 f"--data_path: file not found: {missing}", "--resume_from_checkpoint: no such folder",
+                 "--profile_steps: expected A-B with 1 <= A <= B (optimizer steps), got '5-2'"):
         assert part in message, (part, message)
     assert "\n" not in message
 
@@ -296,3 +297,14 @@ def test_plain_python_on_several_gpus_keeps_the_printed_batch():
     assert args.train_batch_size == 8
     one_gpu_per_process(args)
     assert args.n_gpu == 1 and args.train_batch_size == 4
+
+
+@pytest.mark.parametrize("text, window", [("3", (3, 3)), ("2-4", (2, 4)), ("0-1", None), ("a-b", None),
+                                          ("1-2-3", None), ("", None)])
+def test_profile_steps_parsing(text, window):
+    from utils.profiling import parse_steps
+    if window is None:
+        with pytest.raises(ValueError, match="expected A-B"):
+            parse_steps(text)
+    else:
+        assert parse_steps(text) == window

@@ -108,3 +108,15 @@ def test_a_nan_loss_is_logged_as_nan_and_said_once(tiny_llama_dir, tmp_path):
     assert log.count("warning: loss is nan at step 1: training has diverged") == 1, log[-2000:]
     assert "warning: loss is nan at step 2" not in log  # once
     assert [math.isnan(loss) for _, loss in summary["loss_history"]] == [True, True, True]
+
+
+def test_profile_steps_writes_a_trace_and_a_table(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    log, summary = finetune(tiny_llama_dir, out, "--max_steps", "4", "--profile_steps", "2-3", "--report_to", "none")
+    assert f"profiling optimizer steps 2-3 into {out / 'profile'}" in log
+    table = (out / "profile" / "rank0.txt").read_text()
+    assert table.startswith("optimizer steps 2-3, process 0") and "aten::" in table
+    events = json.loads((out / "profile" / "rank0.json").read_text())["traceEvents"]
+    steps = sorted({e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")})
+    assert steps == ["ProfilerStep#1", "ProfilerStep#2"], steps  # the profiler's own count: steps 2 and 3
+    assert summary["global_step"] == 4

@@ -1,0 +1,87 @@
+"""`finetune.py --profile_steps A-B`: the PyTorch profiler over optimizer steps A to B of a real run, on every
+process, so a slow run (one GPU, DDP, FSDP) can be looked at as it ran. Writes, per process, into
+<output_dir>/profile/: rank<R>.json (a Chrome / Perfetto trace) and rank<R>.txt (the operators and kernels that
+took the time, and how long the GPU sat idle between kernels)."""
+
+import json
+import os
+
+import torch
+from transformers import TrainerCallback
+
+
+def parse_steps(text):
+    """'A-B' (or 'A') -> (A, B) with 1 <= A <= B; ValueError with the reason otherwise."""
+    parts = text.split("-")
+    try:
+        first, last = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (None, None)
+    except ValueError:
+        first = None
+    if first is None or not 1 <= first <= last:
+        raise ValueError(f"expected A-B with 1 <= A <= B (optimizer steps), got '{text}'")
+    return first, last
+
+
+def gpu_idle(prof, min_gap_us=100.0):
+    """From a finished torch.profiler run: the span from the first to the last GPU kernel or copy, the time with
+    none running, and the longest gaps with the kernels either side. None without GPU activity."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    if not spans:
+        return None
+    gaps, end, last = [], spans[0][1], spans[0][2]
+    for start, stop, name in spans[1:]:
+        if start > end:
+            gaps.append((start - end, last, name))
+        if stop > end:
+            end, last = stop, name
+    span = end - spans[0][0]
+    idle = sum(g for g, _, _ in gaps)
+    long = sorted((g for g in gaps if g[0] >= min_gap_us), reverse=True)
+    return {"span_ms": span / 1e3, "idle_ms": idle / 1e3, "idle_in_gaps_over_min_ms": sum(g for g, _, _ in long) / 1e3,
+            "gaps_over_min": len(long), "longest": [(round(g / 1e3, 2), a[:50], b[:50]) for g, a, b in long[:8]]}
+
+
+class StepProfiler(TrainerCallback):
+    """Profiles optimizer steps first..last (1-based) of this process and writes the report when they are done."""
+
+    def __init__(self, first, last, folder, rank=0):
+        self.first, self.last, self.folder, self.rank = first, last, folder, rank
+        self.prof, self.written = None, False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from torch.profiler import ProfilerActivity, profile, schedule
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        done = state.global_step  # a resumed run starts counting from its checkpoint
+        if self.last <= done:
+            return
+        # prof.step() runs at the end of every optimizer step: wait for the steps before `first`
+        self.prof = profile(activities=activities, schedule=schedule(wait=max(0, self.first - 1 - done), warmup=0,
+                                                                     active=self.last - max(self.first - 1, done),
+                                                                     repeat=1),
+                            on_trace_ready=self._write)
+        self.prof.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.prof is not None and not self.written:
+            self.prof.step()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.prof is not None:
+            self.prof.stop()  # writes the report if the run ended inside the window
+            self.prof = None
+
+    def _write(self, prof):
+        if self.written:
+            return
+        self.written = True
+        os.makedirs(self.folder, exist_ok=True)
+        base = os.path.join(self.folder, f"rank{self.rank}")
+        prof.export_chrome_trace(base + ".json")
+        sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        with open(base + ".txt", "w", encoding="utf-8") as f:
+            f.write(f"optimizer steps {self.first}-{self.last}, process {self.rank}\n\n")
+            f.write(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70) + "\n")
+            f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15,
+                                              max_name_column_width=70) + "\n")
+            f.write("GPU idle between kernels: " + json.dumps(gpu_idle(prof)) + "\n")
