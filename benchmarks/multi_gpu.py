@@ -19,6 +19,7 @@ first step / single's (>= 1.8), FSDP peak / single peak (<= 0.6), and the loss g
 
 import argparse
 import copy
+import glob
 import json
 import os
 import random
@@ -122,7 +123,10 @@ def main():
     p.add_argument("--infer_layers", type=int, default=8, help="layers of the inference check's model")
     p.add_argument("--micro_batch", type=int, default=4, help="examples per GPU per forward pass")
     p.add_argument("--seq", type=int, default=512, help="tokens per example (--cutoff_len)")
-    p.add_argument("--steps", type=int, default=12, help="optimizer steps per training run")
+    p.add_argument("--steps", type=int, default=32, help="optimizer steps per training run (the first few compile "
+                   "the fused layers; the DDP ratio uses the second half)")
+    p.add_argument("--profile_steps", default=None, metavar="A-B", help="also profile these optimizer steps of "
+                   "every training run (finetune.py --profile_steps); the tables go into <log_dir>/profiles.txt")
     p.add_argument("--logging_steps", type=int, default=4, help="the Trainer's logging interval: each log reads "
                    "the loss back from the GPU, a wait per logged step (finetune.py's default is up to 10)")
     p.add_argument("--only", default="single,ddp,fsdp,infer", help="comma-separated subset of the runs")
@@ -162,11 +166,17 @@ def main():
         extra = extra[0] if extra else []
         if name == "fsdp":  # a periodic checkpoint too, for the resume run
             extra = ["--save_steps", str(max(1, args.steps // 2))]
+        if args.profile_steps:
+            extra = [*extra, "--profile_steps", args.profile_steps]
         if name in only and (name.startswith("single") or gpus >= 2) and run(name, [
                 *launcher, *train, "--output_dir", os.path.join(args.out, name),
                 "--gradient_accumulation_steps", str(accumulation), *extra], log_dir):
             results[name] = summary(os.path.join(args.out, name), os.path.join(log_dir, f"{name}.log"))
             results["comparison"] = comparison(results)
+            tables = sorted(glob.glob(os.path.join(args.out, name, "profile", "rank*.txt")))
+            with open(os.path.join(log_dir, "profiles.txt"), "a") as f:  # one file: few files come back
+                for path in tables:
+                    f.write(f"===== {name} {os.path.basename(path)} =====\n{open(path).read()}\n")
         save(results, log_dir)
 
     for name in ("single", "single_plain", "ddp", "fsdp"):
