@@ -181,10 +181,11 @@ def emit(record):
 # Diagnostics for --profile (CUDA only): where a step waits, where the GPU idles, what is alive at the peak
 # ---------------------------------------------------------------------------------------------------------
 
-def _caller(stack, skip=("/torch/", "/warnings.py", "common.py")):
-    """The innermost frames of `stack` (traceback.FrameSummary list) outside torch and this file."""
-    mine = [f for f in stack if not any(s in f.filename for s in skip)]
-    return " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(mine[-3:]))
+def _where(frames, skip=("/torch/", "/warnings.py", "common.py")):
+    """'file:line function <- ...' for the first three of `frames` ((filename, line, name), innermost first)
+    outside torch and this file."""
+    mine = [f for f in frames if not any(s in f[0] for s in skip)]
+    return " <- ".join(f"{os.path.basename(file)}:{line} {name}" for file, line, name in mine[:3])
 
 
 def host_waits(fn):
@@ -196,7 +197,7 @@ def host_waits(fn):
 
     def record(message, category, filename, lineno, file=None, line=None):
         if "synchronizing" in str(message):
-            where = _caller(traceback.extract_stack()[:-1])
+            where = _where([(f.filename, f.lineno, f.name) for f in reversed(traceback.extract_stack()[:-1])])
             found[where] = found.get(where, 0) + 1
 
     saved = warnings.showwarning
@@ -234,8 +235,7 @@ def memory_at_peak(fn, top=12):
             now -= live.pop(e["addr"])["size"]
     groups = {}
     for e in at_peak.values():
-        frames = [f for f in e.get("frames", []) if not any(s in f["filename"] for s in ("/torch/", "common.py"))]
-        where = " <- ".join(f"{os.path.basename(f['filename'])}:{f['line']} {f['name']}" for f in frames[:3])
+        where = _where([(f["filename"], f["line"], f["name"]) for f in e.get("frames", [])])
         size, count = groups.get(where, (0, 0))
         groups[where] = (size + e["size"], count + 1)
     biggest = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]

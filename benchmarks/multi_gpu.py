@@ -135,6 +135,8 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     log_dir = args.log_dir or args.out
     os.makedirs(log_dir, exist_ok=True)
+    if args.profile_steps:
+        open(os.path.join(log_dir, "profiles.txt"), "w").close()  # this run's tables only (appended per run)
     import torch
     gpus = torch.cuda.device_count()
     print(f"{gpus} GPU(s): {[torch.cuda.get_device_name(i) for i in range(gpus)]}; torch {torch.__version__}",

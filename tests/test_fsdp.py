@@ -32,6 +32,21 @@ def cpu_config(tmp_path):
     return str(path)
 
 
+def run(cmd):
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    return log
+
+
+def eight_records(tmp_path):
+    """The sample dataset's first 8 records: with a global batch of 8, every step sees each of them."""
+    records = json.loads(open(os.path.join(ROOT, "dataset", "sample.json"), encoding="utf-8").read())[:8]
+    data = tmp_path / "eight.json"
+    data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return data
+
+
 def adapter(folder):
     from safetensors.torch import load_file
     return load_file(os.path.join(folder, "adapter_model.safetensors"))
@@ -43,9 +58,7 @@ def adapter_config(folder):
 
 
 def test_fsdp_checkpoints_hold_the_adapter_match_one_process_and_resume(tiny_llama_dir, tmp_path):
-    records = json.loads(open(os.path.join(ROOT, "dataset", "sample.json"), encoding="utf-8").read())[:8]
-    data = tmp_path / "eight.json"
-    data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    data = eight_records(tmp_path)
     # 8 records, a global batch of 8: every step sees every record in both layouts; no dropout; the plain peft
     # path in the single process too (FSDP turns the fused speed-ups off)
     common = ["--base_model", tiny_llama_dir, "--data_path", str(data), "--max_steps", str(STEPS),
@@ -54,12 +67,6 @@ def test_fsdp_checkpoints_hold_the_adapter_match_one_process_and_resume(tiny_lla
               "--per_device_train_batch_size", "4"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", cpu_config(tmp_path),
               os.path.join(ROOT, "tests", "fsdp_on_cpu.py"), *common, "--gradient_accumulation_steps", "1"]
-
-    def run(cmd):
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-        log = proc.stdout + proc.stderr
-        assert proc.returncode == 0, log[-5000:]
-        return log
 
     one = tmp_path / "one"
     run([sys.executable, os.path.join(ROOT, "finetune.py"), *common, "--output_dir", str(one),
@@ -113,18 +120,10 @@ def test_fsdp_checkpoints_hold_the_adapter_match_one_process_and_resume(tiny_lla
 def test_fsdp_with_speedups_trains_like_one_process(tiny_llama_dir, tmp_path):
     """The speed-ups that apply under FSDP (packed micro-batches, the chunked loss tied to the outputs so FSDP's
     backward completes) give one process's training with its full speed-ups at the same global batch."""
-    records = json.loads(open(os.path.join(ROOT, "dataset", "sample.json"), encoding="utf-8").read())[:8]
-    data = tmp_path / "eight.json"
-    data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    data = eight_records(tmp_path)
     common = ["--base_model", tiny_llama_dir, "--data_path", str(data), "--max_steps", "3", "--save_steps", "100",
               "--cutoff_len", "128", "--lora_dropout", "0", "--learning_rate", "5e-3", "--warmup_ratio", "0",
               "--logging_steps", "1", "--report_to", "none", "--per_device_train_batch_size", "4"]
-
-    def run(cmd):
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-        log = proc.stdout + proc.stderr
-        assert proc.returncode == 0, log[-5000:]
-        return log
 
     one = tmp_path / "one"
     log = run([sys.executable, os.path.join(ROOT, "finetune.py"), *common, "--output_dir", str(one),

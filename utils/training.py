@@ -384,7 +384,7 @@ def check_adapter(folder):
             raise RuntimeError(f"{path} holds no tensors: the adapter was not saved")
 
 
-def finish_run(trainer, meta, wall_seconds, peak_gpu_bytes=None):
+def finish_run(trainer, meta, wall_seconds, gpu_peaks=None):
     """Save the final adapter (+ tokenizer + meta) into checkpoint-final, then the plot and summary."""
     out = trainer.args.output_dir
     final_dir = os.path.join(out, FINAL_DIR)
@@ -399,22 +399,19 @@ def finish_run(trainer, meta, wall_seconds, peak_gpu_bytes=None):
     os.replace(tmp, final_dir)
     history = trainer.state.log_history
     save_loss_plot(history, os.path.join(out, "loss.png"))
-    summary = run_summary(trainer, history, wall_seconds, peak_gpu_bytes)
+    summary = run_summary(trainer, history, wall_seconds, gpu_peaks)
     with open(os.path.join(out, "training_summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
     return final_dir
 
 
-def run_summary(trainer, history, wall_seconds, peak_gpu_bytes=None):
+def run_summary(trainer, history, wall_seconds, gpu_peaks=None):
     train_losses = [h["loss"] for h in history if "loss" in h]
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
     end = next((h for h in reversed(history) if "train_runtime" in h), {})
     tokens = trainer.state.num_input_tokens_seen  # non-padding tokens, summed over all processes
     throughput = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, Throughput)), None)
-    if isinstance(peak_gpu_bytes, tuple):  # (whole run, training steps)
-        peak_gpu_bytes, peak_steps_bytes = peak_gpu_bytes
-    else:
-        peak_steps_bytes = None
+    peak_gpu_bytes, peak_steps_bytes = gpu_peaks or (None, None)  # (whole run, training steps) in bytes
 
     def gib(n):
         return round(n / 2**30, 2) if n is not None else None
