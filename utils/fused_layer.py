@@ -54,11 +54,12 @@ def dequantize_nf4(w, absmax, code, blocksize, shape, dtype, absmax2=None, code2
 
 def _weight(kind, dtype, shape, blocksize, quant_type, w, absmax, code, absmax2, code2, offset, blocksize2):
     """The (out, in) weight in `dtype`. kind 'dense': w itself; 'nf4': bitsandbytes' packed 4-bit layout,
-    with double quantization when absmax2 is given (absmax is then uint8 with its own fp32 scales). On CUDA,
-    NF4 goes through dequantize_nf4 (compiled into the layer); elsewhere, and for FP4, bitsandbytes' own ops."""
+    with double quantization when absmax2 is given (absmax is then uint8 with its own fp32 scales). On CUDA, or
+    whenever torch.compile traces it, NF4 goes through dequantize_nf4 (compiled into the layer); elsewhere, and
+    for FP4, bitsandbytes' own ops."""
     if kind == "dense":
         return w if w.dtype == dtype else w.to(dtype)
-    if w.is_cuda and quant_type == "nf4":
+    if (w.is_cuda or torch.compiler.is_compiling()) and quant_type == "nf4":
         return dequantize_nf4(w, absmax, code, blocksize, shape, dtype, absmax2, code2, offset, blocksize2)
     if absmax2 is not None:
         absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(absmax, absmax2, code2, blocksize2,
@@ -168,7 +169,10 @@ def decoder_layer(h, cos, sin, mask, norm1, norm2, consts, q, k, v, o, gate, up,
     return h + _project(_silu_mul(_project(x, gate), _project(x, up)), down)
 
 
-run_layer = _Fused(decoder_layer, dynamic=None)  # compiled once on CUDA, shared by every layer
+# Compiled once on CUDA, shared by every layer. Without cse=False, AOTAutograd would merge the backward's
+# dequantization of each weight with the forward's, and the merged full-precision weight would then be saved
+# for the backward pass: seven weights per layer (~390 MiB per 7B layer), the reverse of what _Projection does.
+run_layer = _Fused(decoder_layer, dynamic=None, functorch_config={"cse": False})
 
 
 # ---------------------------------------------------------------------------------------------------------

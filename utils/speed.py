@@ -54,10 +54,26 @@ def compile_available():
 class _Fused:
     """Calls `fn` compiled for CUDA inputs when compile_available(), else eagerly. dynamic=True: one
     dynamic-shape compile; None: torch.compile's default (static first, dynamic after a shape changes).
-    If compiling fails, says why once and stays eager; errors after a successful first call are not caught."""
+    `functorch_config`: settings of torch._functorch.config in force whenever it compiles (names this torch
+    lacks are left out). If compiling fails, says why once and stays eager; errors after a successful first
+    call are not caught."""
 
-    def __init__(self, fn, dynamic=True):
+    def __init__(self, fn, dynamic=True, functorch_config=None):
         self.fn, self.dynamic, self.compiled, self.ok = fn, dynamic, None, None
+        self.functorch_config = functorch_config or {}
+
+    def compile(self, backend="inductor"):
+        """`fn` through torch.compile with this object's settings (the tests use a backend the CPU can run)."""
+        compiled = torch.compile(self.fn, dynamic=self.dynamic, backend=backend)
+        import torch._functorch.config as functorch_config
+        settings = {k: v for k, v in self.functorch_config.items() if hasattr(functorch_config, k)}
+        if not settings:
+            return compiled
+
+        def run(*args):  # recompilation happens inside a call, so every call carries the settings
+            with functorch_config.patch(**settings):
+                return compiled(*args)
+        return run
 
     def __call__(self, *args):
         if not args[0].is_cuda or self.ok is False:
@@ -67,7 +83,7 @@ class _Fused:
                 self.ok = False
                 return self.fn(*args)
             try:
-                self.compiled = torch.compile(self.fn, dynamic=self.dynamic)
+                self.compiled = self.compile()
                 out = self.compiled(*args)
             except Exception as e:  # a compiler problem: the eager function computes the same thing
                 self.ok = False
