@@ -56,8 +56,8 @@ def parse_args(argv=None):
     g.add_argument("--unsloth_site", default="/tmp/uns", help="folder with unsloth's packages, put first on its "
                                                                "PYTHONPATH (skipped when unsloth is not there)")
     g.add_argument("--timeout", type=int, default=420, help="seconds allowed for each stack's process")
-    g.add_argument("--profile", action="store_true", help="also profile one step of ours (and plain), "
-                                                             "checkpointing on: the top GPU kernels")
+    g.add_argument("--profile", action="store_true", help="also profile two steps of ours in each "
+                   "checkpointing mode run (and of plain, checkpointing on): the top GPU kernels, host waits, memory")
     g.add_argument("--json", default=None, help="also write all results to this file")
     g.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -279,8 +279,8 @@ def run_ours(path, args, config, park):
         set_checkpointing(model, ckpt)
         batches = [as_examples(ids) for ids in fixed_batches(args, config.vocab_size)]
         emit(dict(stack=ours_name(park), data="fixed", ckpt=ckpt, dropout=0.0, **timed(step, batches, args)))
-        if args.profile and ckpt:
-            profile(step, batches[0], f"{ours_name(park)}, checkpointing on")
+        if args.profile:
+            profile(step, batches[0], f"{ours_name(park)}, checkpointing {'on' if ckpt else 'off'}")
     if args.loss_steps and park:
         set_checkpointing(model, True)
         batches = [as_examples(ids) for ids in fixed_batches(args, config.vocab_size, args.loss_steps)]

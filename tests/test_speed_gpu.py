@@ -151,3 +151,20 @@ def test_fsdp_speedups_park_checkpointed_inputs_in_cpu_memory():
     assert held[0] - held[1] >= 3 * 4 * 1024 * 256 * 4 * 0.9  # the 3 layers' inputs
     for name, g in grads[0].items():
         assert torch.equal(g, grads[1][name]), name
+
+
+def test_parked_inputs_come_back_whole_and_each_fetch_starts_the_next():
+    """Layer inputs parked in pinned CPU memory come back equal in the backward pass's (reverse) order, while
+    the GPU memory they came from is reused; fetching one starts the side-stream copy of the one before it."""
+    from utils.fused_layer import offload
+    xs = [torch.randn(2048, 2048, device="cuda") for _ in range(4)]
+    parked = [offload.park(x.clone()) for x in xs]  # each clone is freed at once: its memory is reused below
+    for i in reversed(range(4)):
+        torch.cuda._sleep(10 ** 7)  # main-stream work queued ahead of the fetch
+        scratch = torch.full((2048, 2048), float("nan"), device="cuda")  # reuses freed memory
+        h = offload.fetch(parked[i], xs[i].device)
+        del scratch
+        assert torch.equal(h, xs[i]), i
+        if i:
+            assert parked[i - 1].ready is not None  # already on its way back
+    assert parked[0].ready is None

@@ -21,6 +21,8 @@ original layer would (no KV cache, sdpa or eager attention, one plain LoRA adapt
 this module can read); otherwise it calls the original layer's forward.
 """
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -179,11 +181,22 @@ run_layer = _Fused(decoder_layer, dynamic=None, functorch_config={"cse": False})
 # Checkpointing with the layer input parked in CPU memory
 # ---------------------------------------------------------------------------------------------------------
 
+class _Parked:
+    """A tensor parked in pinned CPU memory; `ready` is its copy back to the GPU when one was started early,
+    `previous` (a weak reference) the tensor parked before it, whose turn comes next in the backward pass."""
+    __slots__ = ("cpu", "device", "ready", "previous", "__weakref__")
+
+    def __init__(self, cpu, device, previous):
+        self.cpu, self.device, self.ready, self.previous = cpu, device, None, previous
+
+
 class _Offload:
-    """Copies of layer inputs to pinned CPU memory on a side stream, and back. On the CPU: kept as they are."""
+    """Copies of layer inputs to pinned CPU memory on a side stream, and back. The backward pass meets them in
+    the reverse order of the forward, so fetching one starts copying the one parked before it on the side
+    stream, and that copy overlaps the layer's recomputation. On the CPU: kept as they are."""
 
     def __init__(self):
-        self.stream = None
+        self.stream, self.last = None, None
 
     def park(self, h):
         if not h.is_cuda:
@@ -196,13 +209,32 @@ class _Offload:
         with torch.cuda.stream(self.stream):
             cpu.copy_(h, non_blocking=True)
         h.record_stream(self.stream)  # its memory is not reused before the copy has read it
-        return cpu
+        parked = _Parked(cpu, h.device, self.last)
+        self.last = weakref.ref(parked)
+        return parked
 
     def fetch(self, parked, device):
-        if parked.device == device:
+        if not isinstance(parked, _Parked):
             return parked
-        torch.cuda.current_stream(device).wait_stream(self.stream)
-        return parked.to(device, non_blocking=True)
+        main = torch.cuda.current_stream(device)
+        h, parked.ready = parked.ready, None
+        if h is None:
+            main.wait_stream(self.stream)  # the copy to the CPU has finished
+            h = parked.cpu.to(device, non_blocking=True)
+        else:
+            main.wait_stream(self.stream)  # the early copy back has finished
+        previous = parked.previous() if parked.previous is not None else None
+        if previous is not None and previous.ready is None and previous.device == device:
+            previous.ready = self._copy_back(previous, main)
+        return h
+
+    def _copy_back(self, parked, main):
+        h = torch.empty(parked.cpu.shape, dtype=parked.cpu.dtype, device=parked.device)
+        self.stream.wait_stream(main)  # h's memory may have been freed by kernels still queued there
+        with torch.cuda.stream(self.stream):
+            h.copy_(parked.cpu, non_blocking=True)
+        h.record_stream(self.stream)
+        return h
 
 
 offload = _Offload()
