@@ -158,7 +158,7 @@ def profile(step, batch, name):
     from torch.profiler import profile as torch_profile
     step(batch)
     sync()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
             step(batch)
         sync()
@@ -170,9 +170,6 @@ def profile(step, batch, name):
         return
     from utils.profiling import gpu_idle  # here: unsloth's worker must import unsloth before transformers
     print("GPU idle within the 2 steps:", json.dumps(gpu_idle(prof)), flush=True)
-    print("tensor copies by caller (GPU ms over the 2 steps, calls):", flush=True)
-    for where, (ms, count) in copies_by_caller(prof)[:8]:
-        print(f"  {ms:8.2f} {count:5d}  {where}", flush=True)
     waits = common.host_waits(lambda: step(batch))
     print(f"CPU waits for the GPU in one step: {sum(waits.values())}", flush=True)
     for where, count in sorted(waits.items(), key=lambda kv: -kv[1]):
@@ -183,24 +180,6 @@ def profile(step, batch, name):
           "(MiB, blocks, allocated at):", flush=True)
     for size, count, where in mem["alive_at_peak"]:
         print(f"  {size:9.1f} {count:5d}  {where}", flush=True)
-
-
-def copies_by_caller(prof, frames=5):
-    """aten::copy_ calls of a profile (with_stack=True) grouped by their nearest Python frames outside torch:
-    [(where, (GPU ms, calls))], the costliest first."""
-    found = {}
-    for e in prof.events():
-        if e.name != "aten::copy_":
-            continue
-        stack, parent = [], e.cpu_parent
-        while parent is not None and len(stack) < frames:
-            if ".py(" in parent.name and not parent.name.startswith("torch/"):
-                stack.append(parent.name)
-            parent = parent.cpu_parent
-        where = " <- ".join(stack) or "(no Python frame)"
-        ms, count = found.get(where, (0.0, 0))
-        found[where] = (ms + e.device_time_total / 1e3, count + 1)
-    return sorted(found.items(), key=lambda kv: -kv[1][0])
 
 
 def fixed_batches(args, vocab, n=None):
