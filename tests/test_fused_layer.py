@@ -156,7 +156,6 @@ def test_torch_dequantization_is_bitsandbytes_bit_for_bit(quant_type, nested, dt
         assert torch.equal(ours, bnb.dequantize_4bit(packed, state)), shape
 
 
-
 def _layer_inputs(layer):
     """A random input for a FastDecoderLayer of the gqa model, its fused arguments, and what gradients flow to."""
     g = torch.Generator().manual_seed(0)

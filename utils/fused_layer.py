@@ -219,12 +219,10 @@ class _Offload:
         if not isinstance(parked, _Parked):
             return parked
         main = torch.cuda.current_stream(device)
+        main.wait_stream(self.stream)  # the copy to the CPU, and any early copy back, have finished
         h, parked.ready = parked.ready, None
         if h is None:
-            main.wait_stream(self.stream)  # the copy to the CPU has finished
             h = parked.cpu.to(device, non_blocking=True)
-        else:
-            main.wait_stream(self.stream)  # the early copy back has finished
         previous = parked.previous() if parked.previous is not None else None
         if previous is not None and previous.ready is None and previous.device == device:
             previous.ready = self._copy_back(previous, main)
