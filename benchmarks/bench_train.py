@@ -58,6 +58,8 @@ def parse_args(argv=None):
     g.add_argument("--timeout", type=int, default=420, help="seconds allowed for each stack's process")
     g.add_argument("--profile", action="store_true", help="also profile two steps of ours in each "
                    "checkpointing mode run (and of plain, checkpointing on): the top GPU kernels, host waits, memory")
+    g.add_argument("--trace_dir", default=None, help="with --profile: also write each profile's Chrome trace "
+                   "(<stack>-ckpt-<on|off>.json.gz) here, for utils/profiling.py's kernel breakdown")
     g.add_argument("--json", default=None, help="also write all results to this file")
     g.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -152,8 +154,9 @@ def loss_curve(model, step, batches, args):
     return [round(x, 5) for x in losses]
 
 
-def profile(step, batch, name):
-    """Two steps under torch.profiler: the kernels that take the GPU time, and the step's CPU time."""
+def profile(step, batch, name, trace=None):
+    """Two steps under torch.profiler: the kernels that take the GPU time, and the step's CPU time; with
+    `trace`, the Chrome trace is written there (gzipped)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
     step(batch)
@@ -163,6 +166,9 @@ def profile(step, batch, name):
             step(batch)
         sync()
     print(f"=== profile: {name} (2 steps) ===")
+    if trace:
+        os.makedirs(os.path.dirname(trace) or ".", exist_ok=True)
+        prof.export_chrome_trace(trace)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=70),
           flush=True)
@@ -280,7 +286,8 @@ def run_ours(path, args, config, park):
         batches = [as_examples(ids) for ids in fixed_batches(args, config.vocab_size)]
         emit(dict(stack=ours_name(park), data="fixed", ckpt=ckpt, dropout=0.0, **timed(step, batches, args)))
         if args.profile:
-            profile(step, batches[0], f"{ours_name(park)}, checkpointing {'on' if ckpt else 'off'}")
+            trace = args.trace_dir and os.path.join(args.trace_dir, f"ours-ckpt-{'on' if ckpt else 'off'}.json.gz")
+            profile(step, batches[0], f"{ours_name(park)}, checkpointing {'on' if ckpt else 'off'}", trace)
     if args.loss_steps and park:
         set_checkpointing(model, True)
         batches = [as_examples(ids) for ids in fixed_batches(args, config.vocab_size, args.loss_steps)]

@@ -74,3 +74,36 @@ def test_multi_gpu_comparison_records_the_targets():
     assert c["max_loss_diff_ddp_fsdp"] == pytest.approx(0.02) and c["max_loss_diff_ddp_fsdp_met"] is False
     assert "max_loss_diff_single_ddp" not in c and "max_loss_diff_ddp_zero3" not in c
     assert multi_gpu.comparison({"single": results["single"]}) == {}
+
+
+def test_trace_breakdown_sorts_kernels_and_finds_idle_time(tmp_path, capsys):
+    """benchmarks/trace_breakdown.py on a small hand-made trace: time per kind of kernel, overlapping streams
+    counted once in the busy time, and the idle gaps named by the kernel before them."""
+    import gzip
+    import json
+
+    import trace_breakdown
+    kernels = [  # (name, start us, duration us, category): one step
+        ("nvjet_sm90_tst_256x128_gemm", 0, 500, "kernel"),
+        ("Memcpy DtoH (Device -> Pinned)", 100, 300, "gpu_memcpy"),  # on a side stream, overlapping the GEMM
+        ("triton_poi_fused_mul_0", 600, 50, "kernel"),  # 100 us after the GEMM ends: a gap
+        ("_dequantize_nf4_kernel", 650, 30, "kernel"),
+        ("pytorch_flash::flash_fwd_kernel", 700, 80, "kernel"),  # 20 us gap
+        ("nvjet_sm90_tst_64x32_splitK", 780, 20, "kernel"),  # a short GEMM
+    ]
+    events = [{"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur} for name, ts, dur, cat in kernels]
+    events.append({"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 900})  # not GPU work
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    loaded = trace_breakdown.load_events(str(path))
+    assert len(loaded) == len(kernels)
+    trace_breakdown.breakdown(loaded, steps=1)
+    out = capsys.readouterr().out
+    # span 800 us, busy 680 us (the copy inside the GEMM counts once), idle 120 us in two gaps
+    assert "span 0.8 ms, GPU busy 0.7 ms, idle 0.1 ms (2 gap(s) of 20 us or more" in out
+    rows = {line[:22].strip(): line[22:].split() for line in out.splitlines()[2:] if line[:1].isalpha()}
+    assert rows["gemm, large"] == ["0.5", "1"] and rows["memcpy DtoH"] == ["0.3", "1"]  # ms, kernels
+    assert all(rows[k][1] == "1" for k in ("gemm, small", "nf4 dequant", "attention", "triton"))
+    assert "0.1 ms  gemm, large | nvjet_sm90_tst_256x128_gemm" in out  # the 100 us gap follows the large GEMM
+    assert "0.0 ms  nf4 dequant | _dequantize_nf4_kernel" in out  # the 20 us one the dequantization

@@ -1,0 +1,107 @@
+"""Where a profiled step's GPU time goes, from a Chrome trace (torch.profiler's export_chrome_trace, .json or
+.json.gz), e.g. one written by `bench_train.py --profile --trace_dir DIR`:
+
+    python benchmarks/trace_breakdown.py DIR/ours-ckpt-on.json.gz [--steps 2]
+
+Prints the GPU time per kind of kernel (large GEMMs, small GEMMs, Triton kernels, attention, NF4
+dequantization, copies, ...), the time no kernel ran, and which kernels the longest idle gaps follow. Kernels on
+every stream count; time when two streams overlap counts once in the busy total.
+"""
+
+import argparse
+import collections
+import gzip
+import json
+import re
+
+# first match wins; the name is the kernel's as CUDA reports it
+KINDS = [
+    ("memcpy DtoH", r"Memcpy DtoH|Memcpy Device -> Pinned|Memcpy Device -> Pageable"),
+    ("memcpy HtoD", r"Memcpy HtoD|Memcpy Pinned -> Device|Memcpy Pageable -> Device"),
+    ("memcpy DtoD", r"Memcpy DtoD|Memcpy Device -> Device"),
+    ("memset", r"Memset"),
+    ("attention", r"flash|fmha|attention|sdpa|cutlass.*Attention"),
+    ("nf4 dequant", r"dequant|kDequantize|nf4"),
+    ("optimizer", r"multi_tensor|adam|Adam"),
+    ("nccl", r"nccl"),
+    ("gemm", r"gemm|nvjet|cutlass|sm90_xmma|ampere_|cublas|Kernel2|splitKreduce"),
+    ("triton", r"^triton_"),
+    ("reduce (aten)", r"reduce_kernel|Reduce"),
+    ("elementwise (aten)", r"elementwise|vectorized|unrolled|index|Cat|copy"),
+]
+
+
+def load_events(path):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        trace = json.load(f)
+    return [e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy",
+                                                                                        "gpu_memset")]
+
+
+def kind(name, dur_us, big_gemm_us):
+    for label, pattern in KINDS:
+        if re.search(pattern, name, flags=re.I):
+            if label == "gemm":
+                return "gemm, large" if dur_us >= big_gemm_us else "gemm, small"
+            return label
+    return "other"
+
+
+def breakdown(events, steps=1, big_gemm_us=100.0, top=12):
+    """Per-step figures: busy/idle/span, time per kind, the largest Triton kernels, and the gaps."""
+    events = sorted(events, key=lambda e: e["ts"])
+    per_kind = collections.Counter()
+    count = collections.Counter()
+    names = collections.Counter()
+    for e in events:
+        k = kind(e["name"], e["dur"], big_gemm_us)
+        per_kind[k] += e["dur"]
+        count[k] += 1
+        names[(k, e["name"][:90])] += e["dur"]
+    # busy time as the union of kernel intervals, gaps between them with the kernel before each
+    busy, gaps, end, last = 0.0, [], None, None
+    for e in events:
+        start, stop = e["ts"], e["ts"] + e["dur"]
+        if end is None:
+            busy, end, last = e["dur"], stop, e
+            continue
+        if start > end:
+            gaps.append((start - end, last, e))
+            busy += e["dur"]
+        elif stop > end:
+            busy += stop - end
+        if stop > end:
+            end, last = stop, e
+    span = end - events[0]["ts"]
+    idle = sum(g for g, _, _ in gaps)
+    gap_after = collections.Counter()
+    for g, before, _ in gaps:
+        if g >= 20:
+            gap_after[kind(before["name"], before["dur"], big_gemm_us) + " | " + before["name"][:60]] += g
+    ms = lambda us: us / 1e3 / steps  # noqa: E731
+    print(f"per step: span {ms(span):.1f} ms, GPU busy {ms(busy):.1f} ms, idle {ms(idle):.1f} ms "
+          f"({sum(1 for g, _, _ in gaps if g >= 20) / steps:.0f} gap(s) of 20 us or more, "
+          f"{ms(sum(g for g, _, _ in gaps if g >= 20)):.1f} ms in them)")
+    print(f"{'kind':22s} {'ms/step':>9s} {'kernels/step':>13s}  (kernel time; overlapping streams add up here)")
+    for k, us in per_kind.most_common():
+        print(f"{k:22s} {ms(us):9.1f} {count[k] / steps:13.0f}")
+    print("\nlargest single kernels by total time:")
+    for (k, name), us in names.most_common(top):
+        print(f"  {ms(us):7.1f} ms  [{k}] {name}")
+    print("\nidle time (gaps of 20 us or more) by the kernel before the gap:")
+    for what, us in gap_after.most_common(top):
+        print(f"  {ms(us):7.1f} ms  {what}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("trace", help="Chrome trace (.json or .json.gz)")
+    p.add_argument("--steps", type=int, default=2, help="steps the trace holds (figures are per step)")
+    p.add_argument("--big_gemm_us", type=float, default=100.0, help="GEMMs at least this long count as large")
+    args = p.parse_args()
+    breakdown(load_events(args.trace), args.steps, args.big_gemm_us)
+
+
+if __name__ == "__main__":
+    main()
