@@ -120,6 +120,52 @@ def test_torch_nf4_dequantization_equals_bitsandbytes_cuda_kernel(nested):
     assert torch.allclose(compiled.float(), ref.float(), rtol=2 ** -7, atol=0)
 
 
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("shape", [(4096, 1100), (11008, 4096), (96, 64)])
+def test_triton_nf4_kernel_equals_bitsandbytes_cuda_kernel(nested, shape):
+    """utils/nf4_kernel.py, eagerly and inside torch.compile: bit for bit bitsandbytes' dequantization, also
+    where the weight does not fill the last program's bytes (4096 x 1100, 96 x 64)."""
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    from utils import nf4_kernel
+    if not nf4_kernel.AVAILABLE:
+        pytest.skip("needs Triton")
+    weight = (torch.randn(*shape, device="cuda") * 0.05).to(torch.bfloat16)
+    packed, state = bnb.quantize_4bit(weight, quant_type="nf4", compress_statistics=nested, blocksize=64)
+    args = (state.state2.absmax, state.state2.code, state.offset, state.state2.blocksize) if nested else ()
+    ref = bnb.dequantize_4bit(packed, state)
+    ours = nf4_kernel.dequantize(packed, state.absmax, state.code, 64, list(state.shape), torch.bfloat16, *args)
+    assert torch.equal(ours, ref)
+    compiled = torch.compile(lambda *a: nf4_kernel.dequantize(*a) * 2)(
+        packed, state.absmax, state.code, 64, list(state.shape), torch.bfloat16, *args)
+    assert torch.equal(compiled, ref * 2)
+
+
+def test_lora_sum_stays_in_place_under_compile():
+    """_Projection's `out += x W^T` (fused_layer._mm_add_) compiles to GEMMs writing into `out`, with no
+    device-to-device copy (an `out + x @ w.t()` sum compiles to an addmm that copies `out` first)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from utils.fused_layer import _mm_add_
+
+    def lora(x, w, a, b):
+        out = (x @ a.t()) @ (b * 2.0).t()
+        _mm_add_(out, x, w.t())
+        return out * 1.5  # a consumer, as in the layer
+
+    x = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(384, 256, device="cuda", dtype=torch.bfloat16)  # (out, in)
+    a, b = (torch.randn(8, 256, device="cuda", dtype=torch.bfloat16) * 0.1,
+            torch.randn(384, 8, device="cuda", dtype=torch.bfloat16) * 0.1)
+    compiled = torch.compile(lora)
+    expected = lora(x, w, a, b)
+    torch.testing.assert_close(compiled(x, w, a, b), expected)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        compiled(x, w, a, b)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    assert not [n for n in names if "Memcpy DtoD" in n or "Device -> Device" in n], names
+
+
 def test_fsdp_speedups_park_checkpointed_inputs_in_cpu_memory():
     """TrainingSpeedups(fsdp=True).saved_tensors(): the inputs that non-reentrant checkpointing keeps for each
     layer wait in pinned CPU memory; the gradients are exactly those without it."""

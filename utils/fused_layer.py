@@ -8,8 +8,9 @@ function of plain tensors, compiled once by torch.compile on CUDA and shared by 
 eagerly, so CPU tests run the same code.
 
 - Each projection is one autograd function: y = x W^T + b + s (x A^T) B^T. It saves x and x A^T, never the
-  dequantized W, and dequantizes again in the backward pass (bitsandbytes' own ops, so the weights read exactly
-  as bitsandbytes reads them).
+  dequantized W, and dequantizes again in the backward pass (on CUDA one Triton kernel, utils/nf4_kernel.py,
+  elsewhere bitsandbytes' own ops or the same arithmetic in torch ops: bit for bit what bitsandbytes reads).
+  The adapter's term is computed first and the base GEMM adds onto it in place.
 - With gradient checkpointing, a layer keeps only its input for the backward pass, and on a CUDA GPU that
   input waits in pinned CPU memory (copied on a side stream), so checkpointing holds ~0 GPU memory per layer.
   The backward pass copies it back, recomputes the layer and returns the adapter gradients as ordinary autograd
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils import nf4_kernel
 from utils.speed import _Fused, _FusedLoraMixin, _rms_norm, _rope, _silu_mul
 
 # ---------------------------------------------------------------------------------------------------------
@@ -56,17 +58,32 @@ def dequantize_nf4(w, absmax, code, blocksize, shape, dtype, absmax2=None, code2
 
 def _weight(kind, dtype, shape, blocksize, quant_type, w, absmax, code, absmax2, code2, offset, blocksize2):
     """The (out, in) weight in `dtype`. kind 'dense': w itself; 'nf4': bitsandbytes' packed 4-bit layout,
-    with double quantization when absmax2 is given (absmax is then uint8 with its own fp32 scales). On CUDA, or
-    whenever torch.compile traces it, NF4 goes through dequantize_nf4 (compiled into the layer); elsewhere, and
-    for FP4, bitsandbytes' own ops."""
+    with double quantization when absmax2 is given (absmax is then uint8 with its own fp32 scales). NF4 on CUDA
+    with Triton: utils/nf4_kernel.py (called from inside the compiled layer); whenever torch.compile traces it
+    elsewhere, dequantize_nf4; otherwise, and for FP4, bitsandbytes' own ops."""
     if kind == "dense":
         return w if w.dtype == dtype else w.to(dtype)
+    if w.is_cuda and quant_type == "nf4" and nf4_kernel.AVAILABLE:
+        return nf4_kernel.dequantize(w, absmax, code, blocksize, shape, dtype, absmax2, code2, offset, blocksize2)
     if (w.is_cuda or torch.compiler.is_compiling()) and quant_type == "nf4":
         return dequantize_nf4(w, absmax, code, blocksize, shape, dtype, absmax2, code2, offset, blocksize2)
     if absmax2 is not None:
         absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(absmax, absmax2, code2, blocksize2,
                                                                      torch.float32) + offset
     return torch.ops.bitsandbytes.dequantize_4bit.default(w, absmax, blocksize, quant_type, shape, dtype)
+
+
+@torch.library.custom_op("llama_qlora::mm_add_", mutates_args=("out",))
+def _mm_add_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b in place (one GEMM with beta = 1). As a custom op that mutates `out`, torch.compile keeps
+    it in place when `out` is not used elsewhere, where `out + a @ b` would become an addmm that first copies
+    `out` into a new buffer."""
+    out.addmm_(a, b)
+
+
+@_mm_add_.register_fake
+def _(out, a, b):
+    return None
 
 
 class _Projection(torch.autograd.Function):
@@ -79,13 +96,18 @@ class _Projection(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         weight = _weight(kind, dtype, shape, blocksize, quant_type, w, absmax, code, absmax2, code2, offset,
                          blocksize2)
-        out = F.linear(x2, weight, None if bias is None else bias.to(dtype))
         xa = None
-        if a is not None:
-            # peft's order (base + B(A x) * s) and no addmm: with an input that is not its output, addmm first
-            # copies that input (21 full-size copies per layer and step); the sum fuses into the next kernel
+        if a is None:
+            out = F.linear(x2, weight)
+        else:
+            # peft's base + B(A x) s, summed inside the base GEMM: out = (x A^T)(s B)^T, then out += x W^T in
+            # place (beta = 1). `base + lora` as a separate sum became an addmm under torch.compile, which copies
+            # its input first: 9 full-size copies per layer and step (BENCHMARKS.md)
             xa = x2 @ a.to(dtype).t()
-            out = out + (xa @ b.to(dtype).t()) * scale
+            out = xa @ (b.to(dtype) * scale).t()
+            _mm_add_(out, x2, weight.t())
+        if bias is not None:
+            out = out + bias.to(dtype)
         ctx.save_for_backward(x2, xa, a, b, w, absmax, code, absmax2, code2, offset)
         ctx.scale, ctx.spec = scale, spec
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -98,11 +120,13 @@ class _Projection(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1]).to(dtype)
         weight = _weight(kind, dtype, shape, blocksize, quant_type, w, absmax, code, absmax2, code2, offset,
                          blocksize2)
-        dx = g @ weight
         da = db = None
-        if a is not None:
+        if a is None:
+            dx = g @ weight
+        else:
             gb = (g @ b.to(dtype)) * ctx.scale  # (tokens, r)
-            dx = dx + gb @ a.to(dtype)
+            dx = gb @ a.to(dtype)
+            _mm_add_(dx, g, weight)  # dx += g W, in the base GEMM
             da = (gb.t() @ x2).to(a.dtype)
             db = (g.t() @ xa).mul(ctx.scale).to(b.dtype)
         dx = dx.view(*grad.shape[:-1], dx.shape[-1])
