@@ -59,7 +59,7 @@ def parse_args(argv=None):
     g.add_argument("--profile", action="store_true", help="also profile two steps of ours in each "
                    "checkpointing mode run (and of plain, checkpointing on): the top GPU kernels, host waits, memory")
     g.add_argument("--trace_dir", default=None, help="with --profile: also write each profile's Chrome trace "
-                   "(<stack>-ckpt-<on|off>.json.gz) here, for utils/profiling.py's kernel breakdown")
+                   "(ours-ckpt-<on|off>.json.gz) here, for benchmarks/trace_breakdown.py")
     g.add_argument("--json", default=None, help="also write all results to this file")
     g.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils import nf4_kernel
-from utils.speed import _Fused, _FusedLoraMixin, _rms_norm, _rope, _silu_mul
+from utils.speed import _Fused, _FusedLoraMixin, _rms_norm, _rope, _silu_mul, compile_available
 
 # ---------------------------------------------------------------------------------------------------------
 # One projection: base weight (NF4 or dense) + optional LoRA adapter
@@ -58,12 +58,15 @@ def dequantize_nf4(w, absmax, code, blocksize, shape, dtype, absmax2=None, code2
 
 def _weight(kind, dtype, shape, blocksize, quant_type, w, absmax, code, absmax2, code2, offset, blocksize2):
     """The (out, in) weight in `dtype`. kind 'dense': w itself; 'nf4': bitsandbytes' packed 4-bit layout,
-    with double quantization when absmax2 is given (absmax is then uint8 with its own fp32 scales). NF4 on CUDA
-    with Triton: utils/nf4_kernel.py (called from inside the compiled layer); whenever torch.compile traces it
-    elsewhere, dequantize_nf4; otherwise, and for FP4, bitsandbytes' own ops."""
+    with double quantization when absmax2 is given (absmax is then uint8 with its own fp32 scales). NF4 on a GPU
+    where Triton runs (compile_available(), so LLAMA_QLORA_COMPILE=0 turns it off too): utils/nf4_kernel.py,
+    called from inside the compiled layer; whenever torch.compile traces it elsewhere, dequantize_nf4; otherwise,
+    and for FP4, bitsandbytes' own ops."""
     if kind == "dense":
         return w if w.dtype == dtype else w.to(dtype)
-    if w.is_cuda and quant_type == "nf4" and nf4_kernel.AVAILABLE:
+    # (compiling on CUDA means Triton runs here; compile_available() is not evaluated while torch.compile traces)
+    if w.is_cuda and quant_type == "nf4" and nf4_kernel.AVAILABLE \
+            and (torch.compiler.is_compiling() or compile_available()):
         return nf4_kernel.dequantize(w, absmax, code, blocksize, shape, dtype, absmax2, code2, offset, blocksize2)
     if (w.is_cuda or torch.compiler.is_compiling()) and quant_type == "nf4":
         return dequantize_nf4(w, absmax, code, blocksize, shape, dtype, absmax2, code2, offset, blocksize2)
