@@ -201,3 +201,34 @@ def test_compiled_layer_saves_no_dequantized_weight(gqa_folder):
     eager = torch.autograd.grad(fused_layer.decoder_layer(h, *args).square().sum(), trainable)
     for a, b in zip(eager, grads):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max())
+
+
+def test_nf4_kernel_self_check_falls_back_to_torch_ops(monkeypatch, capsys):
+    """utils/nf4_kernel.py checks once that the Triton kernel runs and agrees with the torch ops; a kernel that
+    raises or computes something else is not used (with a note), and the answer is kept. On the CPU the kernel
+    is stood in for by Python functions."""
+    from utils import nf4_kernel
+
+    def good(packed, absmax, code, absmax2, code2, offset, nested, blocksize, blocksize2, n, dtype):
+        args = (absmax2, code2, offset, blocksize2) if nested else ()
+        return fused_layer.dequantize_nf4(packed, absmax, code, blocksize, [n], dtype, *args)
+
+    def broken(*args):
+        raise RuntimeError("PTX .version 9.9 does not support .target sm_61\nmore detail")
+
+    def wrong(*args):
+        return good(*args) + 1
+
+    monkeypatch.setattr(nf4_kernel, "_dequantize", good, raising=False)
+    assert nf4_kernel.self_check("cpu") and capsys.readouterr().err == ""
+    monkeypatch.setattr(nf4_kernel, "_dequantize", broken, raising=False)
+    assert not nf4_kernel.self_check("cpu")
+    assert capsys.readouterr().err == ("note: the Triton NF4 kernel is not used here (RuntimeError: PTX .version "
+                                       "9.9 does not support .target sm_61); dequantizing with torch ops\n")
+    monkeypatch.setattr(nf4_kernel, "_dequantize", wrong, raising=False)
+    assert not nf4_kernel.self_check("cpu") and "differs from the torch ops'" in capsys.readouterr().err
+    checks = []
+    monkeypatch.setattr(nf4_kernel, "AVAILABLE", True)
+    monkeypatch.setattr(nf4_kernel, "_works", None)
+    monkeypatch.setattr(nf4_kernel, "self_check", lambda device: checks.append(device) or False)
+    assert not nf4_kernel.works() and not nf4_kernel.works() and checks == ["cuda"]  # checked once

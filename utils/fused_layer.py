@@ -66,7 +66,7 @@ def _weight(kind, dtype, shape, blocksize, quant_type, w, absmax, code, absmax2,
         return w if w.dtype == dtype else w.to(dtype)
     # (compiling on CUDA means Triton runs here; compile_available() is not evaluated while torch.compile traces)
     if w.is_cuda and quant_type == "nf4" and nf4_kernel.AVAILABLE \
-            and (torch.compiler.is_compiling() or compile_available()):
+            and (torch.compiler.is_compiling() or compile_available()) and nf4_kernel.works():
         return nf4_kernel.dequantize(w, absmax, code, blocksize, shape, dtype, absmax2, code2, offset, blocksize2)
     if (w.is_cuda or torch.compiler.is_compiling()) and quant_type == "nf4":
         return dequantize_nf4(w, absmax, code, blocksize, shape, dtype, absmax2, code2, offset, blocksize2)

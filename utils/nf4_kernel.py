@@ -11,11 +11,27 @@ compiled layer (no graph break, no Python launcher per call). Bit for bit bitsan
 (tests/test_speed_gpu.py)."""
 
 import importlib.util
+import sys
 
 import torch
 
-AVAILABLE = importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
 BYTES_PER_PROGRAM = 2048  # each program writes twice as many values
+
+
+def _importable():
+    """A CUDA GPU, Triton with tl.join and libdevice (3.0+), and torch.library.triton_op (torch 2.6+)."""
+    if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None \
+            or not hasattr(torch.library, "triton_op") or not hasattr(torch.library, "wrap_triton"):
+        return False
+    try:
+        import triton.language as tl
+        from triton.language.extra import libdevice  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(tl, "join")
+
+
+AVAILABLE = _importable()
 
 if AVAILABLE:
     import triton
@@ -72,3 +88,39 @@ def dequantize(w, absmax, code, blocksize, shape, dtype, absmax2=None, code2=Non
     out = _dequantize(w.view(-1), absmax.view(-1), code, absmax2.view(-1), code2, offset, nested, blocksize,
                       blocksize2 or 1, n, dtype)
     return out.view(shape)
+
+
+_works = None
+
+
+def works():
+    """Whether the kernel runs on this GPU and computes what the torch ops compute: checked once, eagerly, on a
+    small weight, so that an unusual GPU or Triton build keeps the torch ops (with a note) instead of failing in
+    the middle of training. While torch.compile traces, only an earlier check counts."""
+    global _works
+    if _works is None and AVAILABLE and not torch.compiler.is_compiling():
+        _works = self_check("cuda")
+    return bool(_works)
+
+
+def self_check(device):
+    """dequantize() against utils/fused_layer.py: dequantize_nf4 (eager torch ops, bit for bit bitsandbytes'
+    result) on random codes, with and without double quantization."""
+    from utils.fused_layer import dequantize_nf4
+    g = torch.Generator().manual_seed(0)
+    packed = torch.randint(0, 256, (96,), dtype=torch.uint8, generator=g).to(device)  # 192 values: 3 blocks
+    code, code2 = torch.randn(16, generator=g).to(device), torch.randn(256, generator=g).to(device)
+    absmax = torch.rand(3, generator=g).to(device)
+    absmax_codes = torch.randint(0, 256, (3,), dtype=torch.uint8, generator=g).to(device)
+    absmax2, offset = torch.rand(1, generator=g).to(device), torch.tensor(0.25, device=device)
+    cases = ((packed, absmax, code, 64, [12, 16], torch.bfloat16),
+             (packed, absmax_codes, code, 64, [12, 16], torch.bfloat16, absmax2, code2, offset, 256))
+    try:
+        same = all(torch.equal(dequantize(*case), dequantize_nf4(*case)) for case in cases)
+        problem = None if same else "its result differs from the torch ops'"
+    except Exception as e:  # a Triton or driver that cannot build or run it
+        problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if problem:
+        print(f"note: the Triton NF4 kernel is not used here ({problem}); dequantizing with torch ops",
+              file=sys.stderr, flush=True)
+    return problem is None
