@@ -17,9 +17,8 @@ import os
 import sys
 import time
 
-from utils.args import UserError, add_bool, add_model_args, resolve_bits, run_main
-from utils.data import FORMATS, OVERLONG
-from utils.training import checkpoint_problem, latest_complete_checkpoint, step_checkpoints
+# only light modules here, so that --help and flag errors come at once; torch and transformers load in main()
+from utils.args import FORMATS, OVERLONG, UserError, add_bool, add_model_args, resolve_bits, run_main
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dataset", "sample.json")
 
@@ -139,6 +138,7 @@ def validate_args(args):
     if problems:
         raise UserError("; ".join(problems))
     args.bits = resolve_bits(args, default=4)
+    from utils.training import checkpoint_problem, latest_complete_checkpoint, step_checkpoints
     if args.resume_from_checkpoint == "latest":
         latest = latest_complete_checkpoint(args.output_dir)
         if latest is None:

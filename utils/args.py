@@ -9,6 +9,10 @@ import sys
 import warnings
 
 BUNDLED_MODEL = "smollm2-135m"
+# finetune.py's --data_format and --overlong choices (the record formats of utils/data.py's FORMAT_FIELDS; its
+# overlong policies), here in a light module so that `finetune.py --help` does not import torch
+FORMATS = ("alpaca", "sharegpt", "messages")
+OVERLONG = ("truncate", "drop")
 
 
 class UserError(Exception):

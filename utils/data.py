@@ -20,10 +20,9 @@ from collections import Counter
 
 import torch
 
-from utils.args import UserError
+from utils.args import OVERLONG, UserError
 from utils.prompts import IGNORE_INDEX, encode_conversation, record_to_messages
 
-FORMATS = ("alpaca", "sharegpt", "messages")
 # the fields that say which format a record is in (a field holding null does not count)
 FORMAT_FIELDS = {"alpaca": ("instruction", "output"), "sharegpt": ("conversations",), "messages": ("messages",)}
 # per conversation format: the list field, the turn's role and text keys, and how role names map
@@ -32,7 +31,6 @@ TURN_SCHEMA = {
                  {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}),
     "messages": ("messages", "role", "content", {"system": "system", "user": "user", "assistant": "assistant"}),
 }
-OVERLONG = ("truncate", "drop")
 
 
 def _read_text(path):
