@@ -19,6 +19,7 @@ import time
 
 # only light modules here, so that --help and flag errors come at once; torch and transformers load in main()
 from utils.args import FORMATS, OVERLONG, UserError, add_bool, add_model_args, resolve_bits, run_main
+from utils.checkpoints import checkpoint_problem, latest_complete_checkpoint, step_checkpoints
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dataset", "sample.json")
 
@@ -138,7 +139,6 @@ def validate_args(args):
     if problems:
         raise UserError("; ".join(problems))
     args.bits = resolve_bits(args, default=4)
-    from utils.training import checkpoint_problem, latest_complete_checkpoint, step_checkpoints
     if args.resume_from_checkpoint == "latest":
         latest = latest_complete_checkpoint(args.output_dir)
         if latest is None:

@@ -250,8 +250,28 @@ def test_help_does_not_wait_for_torch(script):
     assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_flag_and_checkpoint_errors_come_before_torch(tmp_path):
+    """finetune.py's flag checks, --resume_from_checkpoint and --output_dir included, run without torch."""
+    program = "\n".join([
+        "import sys, finetune",
+        "from utils.args import UserError",
+        f"args = finetune.parse_args(['--output_dir', {str(tmp_path / 'none')!r},",
+        "                             '--resume_from_checkpoint', 'latest'])",
+        "try:",
+        "    finetune.validate_args(args)",
+        "except UserError as e:",
+        "    print(e)",
+        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))",
+    ])
+    proc = subprocess.run([sys.executable, "-c", program], cwd=ROOT, check=False, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert "holds no complete checkpoint-N" in lines[0] and lines[-1] == "[]"
+
+
 def test_rotation_keeps_newest_complete_checkpoints_and_never_the_last_complete_one(tmp_path):
-    from utils.training import rotate_checkpoints
+    from utils.checkpoints import rotate_checkpoints
     out = tmp_path / "out"
     for step in (2, 4, 6, 8):
         _fake_checkpoint(out / f"checkpoint-{step}")
@@ -268,7 +288,7 @@ def test_rotation_keeps_newest_complete_checkpoints_and_never_the_last_complete_
 
 
 def test_rotation_orders_by_step_not_file_time_and_protects_the_best(tmp_path):
-    from utils.training import rotate_checkpoints
+    from utils.checkpoints import rotate_checkpoints
     out = tmp_path / "out"
     for step in (10, 9, 100, 20):  # created out of order: checkpoint-9 is newer on disk than checkpoint-100
         _fake_checkpoint(out / f"checkpoint-{step}")

