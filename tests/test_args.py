@@ -230,44 +230,35 @@ def test_help_exits_zero(script):
     assert proc.stdout.startswith("usage: ") and proc.stderr == ""
 
 
-@pytest.mark.parametrize("script", ["finetune", "merge_lora", "cli_demo", "gradio_ui", "perplexity"])
-def test_help_does_not_wait_for_torch(script):
-    """--help and flag errors come before the heavy imports: importing a script and running its parser on
-    --help loads neither torch, transformers nor peft (finetune.py --help took 15 s on a 2-core machine when it
-    did)."""
-    program = "\n".join([
-        "import sys",
-        f"import {script}",
-        "try:",
-        f"    {script}.parse_args(['--help'])",
-        "except SystemExit:",
-        "    pass",
-        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))",
-    ])
+def _run_then_list_heavy_modules(*lines):
+    """Run `lines` as a fresh Python program in the repo; (its printed lines, which of torch / transformers /
+    peft it had imported by the end)."""
+    program = "\n".join(["import sys", *lines,
+                          "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"])
     proc = subprocess.run([sys.executable, "-c", program], cwd=ROOT, check=False, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    out = proc.stdout.strip().splitlines()
+    return out[:-1], out[-1]
+
+
+@pytest.mark.parametrize("script", ["finetune", "merge_lora", "cli_demo", "gradio_ui", "perplexity"])
+def test_help_does_not_wait_for_torch(script):
+    """--help comes before the heavy imports: importing a script and running its parser on --help loads neither
+    torch, transformers nor peft (finetune.py --help took 15 s on a 2-core machine when it did)."""
+    _, heavy = _run_then_list_heavy_modules(f"import {script}", "try:", f"    {script}.parse_args(['--help'])",
+                                            "except SystemExit:", "    pass")
+    assert heavy == "[]"
 
 
 def test_flag_and_checkpoint_errors_come_before_torch(tmp_path):
     """finetune.py's flag checks, --resume_from_checkpoint and --output_dir included, run without torch."""
-    program = "\n".join([
-        "import sys, finetune",
-        "from utils.args import UserError",
-        f"args = finetune.parse_args(['--output_dir', {str(tmp_path / 'none')!r},",
-        "                             '--resume_from_checkpoint', 'latest'])",
-        "try:",
-        "    finetune.validate_args(args)",
-        "except UserError as e:",
-        "    print(e)",
-        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))",
-    ])
-    proc = subprocess.run([sys.executable, "-c", program], cwd=ROOT, check=False, capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.strip().splitlines()
-    assert "holds no complete checkpoint-N" in lines[0] and lines[-1] == "[]"
+    out, heavy = _run_then_list_heavy_modules(
+        "import finetune", "from utils.args import UserError",
+        f"args = finetune.parse_args(['--output_dir', {str(tmp_path / 'none')!r}, '--resume_from_checkpoint', "
+        "'latest'])",
+        "try:", "    finetune.validate_args(args)", "except UserError as e:", "    print(e)")
+    assert heavy == "[]" and "holds no complete checkpoint-N" in out[0]
 
 
 def test_rotation_keeps_newest_complete_checkpoints_and_never_the_last_complete_one(tmp_path):
