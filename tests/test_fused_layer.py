@@ -232,3 +232,37 @@ def test_nf4_kernel_self_check_falls_back_to_torch_ops(monkeypatch, capsys):
     monkeypatch.setattr(nf4_kernel, "_works", None)
     monkeypatch.setattr(nf4_kernel, "self_check", lambda device: checks.append(device) or False)
     assert not nf4_kernel.works() and not nf4_kernel.works() and checks == ["cuda"]  # checked once
+
+
+def test_mm_add_adds_in_place_eagerly_and_when_traced():
+    """fused_layer._mm_add_ (out += a @ b, a plain registered op) computes the sum in `out` itself, and
+    torch.compile traces it in one graph."""
+    g = torch.Generator().manual_seed(0)
+    out, a, b = (torch.randn(s, generator=g) for s in ((3, 2), (3, 4), (4, 2)))
+    want = out + a @ b
+    same = out
+    fused_layer._mm_add_(out, a, b)
+    assert out is same and torch.allclose(out, want)
+
+    def f(o, a, b):
+        o = o * 2
+        fused_layer._mm_add_(o, a, b)
+        return o
+
+    torch._dynamo.reset()
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(want, a, b)
+    assert torch.allclose(got, 2 * want + a @ b)
+
+
+def test_inductor_options_reach_inductor_only(monkeypatch):
+    """run_layer compiles with Inductor's size, stride and alignment checks off; _Fused passes such options to
+    torch.compile only for Inductor (the CPU tests' backends take none) and drops names this torch lacks."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    f = speed._Fused(lambda x: x, inductor_options={"size_asserts": False, "no_such_setting": 1})
+    f.compile()
+    f.compile(backend="aot_eager")
+    assert seen[0]["backend"] == "inductor" and seen[0]["options"] == {"size_asserts": False}
+    assert seen[1]["options"] is None
+    assert fused_layer.run_layer.inductor_options == {"size_asserts": False, "alignment_asserts": False,
+                                                      "scalar_asserts": False}

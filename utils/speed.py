@@ -54,17 +54,22 @@ def compile_available():
 class _Fused:
     """Calls `fn` compiled for CUDA inputs when compile_available(), else eagerly. dynamic=True: one
     dynamic-shape compile; None: torch.compile's default (static first, dynamic after a shape changes).
-    `functorch_config`: settings of torch._functorch.config in force whenever it compiles (names this torch
-    lacks are left out). If compiling fails, says why once and stays eager; errors after a successful first
-    call are not caught."""
+    `functorch_config`: settings of torch._functorch.config in force whenever it compiles; `inductor_options`:
+    Inductor settings for this function only (names this torch lacks are left out of both). If compiling fails,
+    says why once and stays eager; errors after a successful first call are not caught."""
 
-    def __init__(self, fn, dynamic=True, functorch_config=None):
+    def __init__(self, fn, dynamic=True, functorch_config=None, inductor_options=None):
         self.fn, self.dynamic, self.compiled, self.ok = fn, dynamic, None, None
         self.functorch_config = functorch_config or {}
+        self.inductor_options = inductor_options or {}
 
     def compile(self, backend="inductor"):
         """`fn` through torch.compile with this object's settings (the tests use a backend the CPU can run)."""
-        compiled = torch.compile(self.fn, dynamic=self.dynamic, backend=backend)
+        options = None
+        if backend == "inductor" and self.inductor_options:
+            import torch._inductor.config as inductor_config
+            options = {k: v for k, v in self.inductor_options.items() if hasattr(inductor_config, k)} or None
+        compiled = torch.compile(self.fn, dynamic=self.dynamic, backend=backend, options=options)
         import torch._functorch.config as functorch_config
         settings = {k: v for k, v in self.functorch_config.items() if hasattr(functorch_config, k)}
         if not settings:
