@@ -50,6 +50,10 @@ def parse_args(argv=None):
     g.add_argument("--plain_dropouts", default="0.05,0", help="LoRA dropouts the plain stack runs with")
     g.add_argument("--loss_steps", type=int, default=20, help="steps of the loss-curve check: plain (dropout 0) and "
                    "ours from the same adapter init on the same batches, checkpointing on; 0 = skip")
+    g.add_argument("--transfer", choices=["pinned", "blocking"], default="pinned",
+                   help="how every stack moves each batch to the GPU: pinned = from pinned memory without waiting "
+                        "(finetune.py's setting), blocking = tensor.to(device), which waits for the previous step "
+                        "(the HF Trainer's defaults)")
     g.add_argument("--park", choices=["on", "off", "both"], default="on",
                    help="ours: checkpointed layer inputs parked in CPU memory (the default) or kept on the GPU")
     g.add_argument("--workdir", default=None, help="where the random checkpoint is saved (default: /dev/shm or /tmp)")
@@ -119,6 +123,14 @@ def set_checkpointing(model, on):
 def autocast():
     return torch.autocast("cuda", dtype=torch.bfloat16) if torch.cuda.is_available() \
         else torch.autocast("cpu", enabled=False)
+
+
+def to_device(batch, device, args):
+    """A dict of CPU tensors on `device`, as --transfer says."""
+    if args.transfer == "pinned" and torch.cuda.is_available():
+        return {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()}
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def timed(step, batches, args):
@@ -207,7 +219,7 @@ def run_plain(path, args, config):
     def step(ids_or_batch, losses=None):
         batch = ids_or_batch if isinstance(ids_or_batch, dict) else \
             {"input_ids": ids_or_batch, "labels": ids_or_batch}
-        batch = {k: v.to(model.device) for k, v in batch.items()}
+        batch = to_device(batch, model.device, args)
         with autocast():
             loss = model(**batch).loss
         loss.backward()
@@ -263,7 +275,7 @@ def run_ours(path, args, config, park):
     dev = model.get_input_embeddings().weight.device
 
     def step(examples, losses=None):
-        batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in collate(examples).items()}
+        batch = to_device(collate(examples), dev, args)
         labels = batch.pop("labels") if sp.loss_func else None
         with autocast():
             out = model(**batch)
@@ -322,7 +334,7 @@ def run_unsloth(path, args, config, ckpt):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
 
     def step(ids):
-        ids = ids.to(model.device)
+        ids = to_device({"ids": ids}, model.device, args)["ids"]
         with autocast():
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -420,6 +432,7 @@ def main(args, argv):
     args.workdir = args.workdir or common.default_workdir()
     os.makedirs(args.workdir, exist_ok=True)
     print("versions:", json.dumps(versions()), flush=True)
+    print(f"batches reach the GPU: {args.transfer} (--transfer), the same for every stack", flush=True)
     common.build_checkpoint(args.workdir, config)
     results = []
     for stack in [s.strip() for s in args.stacks.split(",") if s.strip()]:
