@@ -102,16 +102,19 @@ def _(out, a, b):
 _mm_add_ = torch.ops.llama_qlora.mm_add_.default
 
 
+def _spec_weight(spec, dtype, w, absmax, code, absmax2, code2, offset):
+    kind, shape, blocksize, quant_type, blocksize2 = spec
+    return _weight(kind, dtype, shape, blocksize, quant_type, w, absmax, code, absmax2, code2, offset, blocksize2)
+
+
 class _Projection(torch.autograd.Function):
     """x W^T + b + s (x A^T) B^T; `spec` = (kind, shape, blocksize, quant_type, blocksize2) are constants."""
 
     @staticmethod
     def forward(ctx, x, a, b, bias, scale, spec, w, absmax, code, absmax2, code2, offset):
-        kind, shape, blocksize, quant_type, blocksize2 = spec
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
-        weight = _weight(kind, dtype, shape, blocksize, quant_type, w, absmax, code, absmax2, code2, offset,
-                         blocksize2)
+        weight = _spec_weight(spec, dtype, w, absmax, code, absmax2, code2, offset)
         xa = None
         if a is None:
             out = F.linear(x2, weight)
@@ -131,11 +134,9 @@ class _Projection(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x2, xa, a, b, w, absmax, code, absmax2, code2, offset = ctx.saved_tensors
-        kind, shape, blocksize, quant_type, blocksize2 = ctx.spec
         dtype = x2.dtype
         g = grad.reshape(-1, grad.shape[-1]).to(dtype)
-        weight = _weight(kind, dtype, shape, blocksize, quant_type, w, absmax, code, absmax2, code2, offset,
-                         blocksize2)
+        weight = _spec_weight(ctx.spec, dtype, w, absmax, code, absmax2, code2, offset)
         da = db = None
         if a is None:
             dx = g @ weight
@@ -149,8 +150,59 @@ class _Projection(torch.autograd.Function):
         return dx, da, db, None, None, None, None, None, None, None, None, None
 
 
+_PARTS = 11  # a projection's arguments after x: a, b, bias, scale, spec, w, absmax, code, absmax2, code2, offset
+
+
+class _SharedInputProjections(torch.autograd.Function):
+    """Several projections of one input, each with a LoRA adapter (q/k/v, gate/up): what _Projection computes
+    for each, but their A matrices act as one, [A_1; A_2; ...], so x A^T, the input's adapter gradient and the
+    A gradients are one GEMM each (x is read once, not once per projection), and the base GEMMs of the backward
+    pass all add onto the same dx (no separate sum of the projections' input gradients)."""
+
+    @staticmethod
+    def forward(ctx, x, *flat):
+        parts = [flat[i:i + _PARTS] for i in range(0, len(flat), _PARTS)]
+        dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        ranks = [p[0].shape[0] for p in parts]
+        xa = x2 @ torch.cat([p[0].to(dtype) for p in parts]).t()  # (tokens, sum of the ranks)
+        outs = []
+        for (_, b, bias, scale, spec, *quant), xa_i in zip(parts, xa.split(ranks, dim=1)):
+            out = xa_i @ (b.to(dtype) * scale).t()
+            _mm_add_(out, x2, _spec_weight(spec, dtype, *quant).t())  # as in _Projection
+            if bias is not None:
+                out = out + bias.to(dtype)
+            outs.append(out.view(*x.shape[:-1], out.shape[-1]))
+        ctx.save_for_backward(x2, xa, *[t for p in parts for t in (p[0], p[1], *p[5:])])
+        ctx.ranks, ctx.scales, ctx.specs = ranks, [p[3] for p in parts], [p[4] for p in parts]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x2, xa, *saved = ctx.saved_tensors
+        dtype = x2.dtype
+        per = [saved[i:i + 8] for i in range(0, len(saved), 8)]  # a, b, w, absmax, code, absmax2, code2, offset
+        gs = [g.reshape(-1, g.shape[-1]).to(dtype) for g in grads]
+        gb = torch.cat([(g @ p[1].to(dtype)) * s for g, p, s in zip(gs, per, ctx.scales)], dim=1)  # (tokens, r)
+        dx = gb @ torch.cat([p[0].to(dtype) for p in per])
+        for g, p, spec in zip(gs, per, ctx.specs):
+            _mm_add_(dx, g, _spec_weight(spec, dtype, *p[2:]))  # dx += g W, in the base GEMM
+        da = gb.t() @ x2  # (sum of the ranks, in)
+        out = [dx.view(*grads[0].shape[:-1], dx.shape[-1])]
+        for da_i, xa_i, g, p, s in zip(da.split(ctx.ranks), xa.split(ctx.ranks, dim=1), gs, per, ctx.scales):
+            out += [da_i.to(p[0].dtype), (g.t() @ xa_i).mul(s).to(p[1].dtype)] + [None] * (_PARTS - 2)
+        return tuple(out)
+
+
 def _project(x, p):
     return _Projection.apply(x, *p)
+
+
+def _project_shared(x, projections):
+    """_project(x, p) for each p; as one _SharedInputProjections when every one has an adapter."""
+    if len(projections) > 1 and all(p[0] is not None for p in projections):
+        return _SharedInputProjections.apply(x, *[t for p in projections for t in p])
+    return tuple(_project(x, p) for p in projections)
 
 
 def projection_args(module):
@@ -198,9 +250,10 @@ def decoder_layer(h, cos, sin, mask, norm1, norm2, consts, q, k, v, o, gate, up,
     n_heads, n_kv, head_dim, scaling, eps1, eps2 = consts
     batch, seq = h.shape[:2]
     x = _rms_norm(h, norm1, eps1)
-    qs = _project(x, q).view(batch, seq, n_heads, head_dim).transpose(1, 2)
-    ks = _project(x, k).view(batch, seq, n_kv, head_dim).transpose(1, 2)
-    vs = _project(x, v).view(batch, seq, n_kv, head_dim).transpose(1, 2)
+    qs, ks, vs = _project_shared(x, (q, k, v))
+    qs = qs.view(batch, seq, n_heads, head_dim).transpose(1, 2)
+    ks = ks.view(batch, seq, n_kv, head_dim).transpose(1, 2)
+    vs = vs.view(batch, seq, n_kv, head_dim).transpose(1, 2)
     qs, ks = _rope(qs, ks, cos, sin)
     if n_kv != n_heads:  # grouped-query attention: each key/value head serves n_heads / n_kv query heads
         rep = n_heads // n_kv
@@ -210,7 +263,7 @@ def decoder_layer(h, cos, sin, mask, norm1, norm2, consts, q, k, v, o, gate, up,
                                           scale=scaling)
     h = h + _project(attn.transpose(1, 2).reshape(batch, seq, n_heads * head_dim), o)
     x = _rms_norm(h, norm2, eps2)
-    return h + _project(_silu_mul(_project(x, gate), _project(x, up)), down)
+    return h + _project(_silu_mul(*_project_shared(x, (gate, up))), down)
 
 
 # Compiled once on CUDA, shared by every layer. Without cse=False, AOTAutograd would merge the backward's
