@@ -10,7 +10,8 @@ eagerly, so CPU tests run the same code.
 - Each projection is one autograd function: y = x W^T + b + s (x A^T) B^T. It saves x and x A^T, never the
   dequantized W, and dequantizes again in the backward pass (on CUDA one Triton kernel, utils/nf4_kernel.py,
   elsewhere bitsandbytes' own ops or the same arithmetic in torch ops: bit for bit what bitsandbytes reads).
-  The adapter's term is computed first and the base GEMM adds onto it in place.
+  The adapter's term is computed first and the base GEMM adds onto it in place. Projections of one input
+  (q/k/v, gate/up) whose adapters are all there share one A GEMM (_SharedInputProjections).
 - With gradient checkpointing, a layer keeps only its input for the backward pass, and on a CUDA GPU that
   input waits in pinned CPU memory (copied on a side stream), so checkpointing holds ~0 GPU memory per layer.
   The backward pass copies it back, recomputes the layer and returns the adapter gradients as ordinary autograd
