@@ -141,7 +141,7 @@ def test_triton_nf4_kernel_equals_bitsandbytes_cuda_kernel(nested, shape):
 
 
 def test_lora_sum_stays_in_place_under_compile():
-    """_Projection's `out += x W^T` (fused_layer._mm_add_) compiles to GEMMs writing into `out`, with no
+    """_LoraProjections' `out += x W^T` (fused_layer._mm_add_) compiles to GEMMs writing into `out`, with no
     device-to-device copy (an `out + x @ w.t()` sum compiles to an addmm that copies `out` first)."""
     from torch.profiler import ProfilerActivity, profile
 

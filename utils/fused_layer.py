@@ -7,11 +7,11 @@ projection still goes through peft's module, its hooks and a Python autograd fun
 function of plain tensors, compiled once by torch.compile on CUDA and shared by every layer; elsewhere it runs
 eagerly, so CPU tests run the same code.
 
-- Each projection is one autograd function: y = x W^T + b + s (x A^T) B^T. It saves x and x A^T, never the
-  dequantized W, and dequantizes again in the backward pass (on CUDA one Triton kernel, utils/nf4_kernel.py,
+- The projections are autograd functions: y = x W^T + b + s (x A^T) B^T. They save x and x A^T, never the
+  dequantized W, and dequantize again in the backward pass (on CUDA one Triton kernel, utils/nf4_kernel.py,
   elsewhere bitsandbytes' own ops or the same arithmetic in torch ops: bit for bit what bitsandbytes reads).
   The adapter's term is computed first and the base GEMM adds onto it in place. Projections of one input
-  (q/k/v, gate/up) whose adapters are all there share one A GEMM (_SharedInputProjections).
+  (q/k/v, gate/up) whose adapters are all there share one A GEMM (_LoraProjections).
 - With gradient checkpointing, a layer keeps only its input for the backward pass, and on a CUDA GPU that
   input waits in pinned CPU memory (copied on a side stream), so checkpointing holds ~0 GPU memory per layer.
   The backward pass copies it back, recomputes the layer and returns the adapter gradients as ordinary autograd
@@ -57,12 +57,13 @@ def dequantize_nf4(w, absmax, code, blocksize, shape, dtype, absmax2=None, code2
     return _per_block(code[codes.int()], absmax.view(-1), blocksize, n).to(dtype).view(shape)
 
 
-def _weight(kind, dtype, shape, blocksize, quant_type, w, absmax, code, absmax2, code2, offset, blocksize2):
-    """The (out, in) weight in `dtype`. kind 'dense': w itself; 'nf4': bitsandbytes' packed 4-bit layout,
-    with double quantization when absmax2 is given (absmax is then uint8 with its own fp32 scales). NF4 on a GPU
-    where Triton runs (compile_available(), so LLAMA_QLORA_COMPILE=0 turns it off too): utils/nf4_kernel.py,
-    called from inside the compiled layer; whenever torch.compile traces it elsewhere, dequantize_nf4; otherwise,
-    and for FP4, bitsandbytes' own ops."""
+def _weight(spec, dtype, w, absmax, code, absmax2, code2, offset):
+    """The (out, in) weight in `dtype`; spec = (kind, shape, blocksize, quant_type, blocksize2). kind 'dense':
+    w itself; 'nf4': bitsandbytes' packed 4-bit layout, with double quantization when absmax2 is given (absmax
+    is then uint8 with its own fp32 scales). NF4 on a GPU where Triton runs (compile_available(), so
+    LLAMA_QLORA_COMPILE=0 turns it off too): utils/nf4_kernel.py, called from inside the compiled layer; whenever
+    torch.compile traces it elsewhere, dequantize_nf4; otherwise, and for FP4, bitsandbytes' own ops."""
+    kind, shape, blocksize, quant_type, blocksize2 = spec
     if kind == "dense":
         return w if w.dtype == dtype else w.to(dtype)
     # (compiling on CUDA means Triton runs here; compile_available() is not evaluated while torch.compile traces)
@@ -81,8 +82,8 @@ def _weight(kind, dtype, shape, blocksize, quant_type, w, absmax, code, absmax2,
 # when `out` is not used elsewhere, where `out + a @ b` would become an addmm that first copies `out` into a new
 # buffer. Declared with torch.library.Library rather than the custom_op decorator: the compiled layer calls it
 # 14 to 21 times per layer and step, and custom_op's Python autograd wrapper cost ~40 us per call on the CPU
-# against ~6 us for a plain kernel registration (no autograd formula is needed: _Projection calls it with
-# autograd off, and torch.compile traces it from there).
+# against ~6 us for a plain kernel registration (no autograd formula is needed: _LoraProjections calls it
+# with autograd off, and torch.compile traces it from there).
 _LIB = torch.library.Library("llama_qlora", "FRAGMENT")
 _LIB.define("mm_add_(Tensor(a!) out, Tensor a, Tensor b) -> ()")
 
@@ -103,62 +104,39 @@ def _(out, a, b):
 _mm_add_ = torch.ops.llama_qlora.mm_add_.default
 
 
-def _spec_weight(spec, dtype, w, absmax, code, absmax2, code2, offset):
-    kind, shape, blocksize, quant_type, blocksize2 = spec
-    return _weight(kind, dtype, shape, blocksize, quant_type, w, absmax, code, absmax2, code2, offset, blocksize2)
-
-
 class _Projection(torch.autograd.Function):
-    """x W^T + b + s (x A^T) B^T; `spec` = (kind, shape, blocksize, quant_type, blocksize2) are constants."""
+    """x W^T + b, for a projection without an adapter; `spec` = (kind, shape, blocksize, quant_type, blocksize2)
+    is constant. Saves no dequantized W: the backward pass dequantizes again."""
 
     @staticmethod
-    def forward(ctx, x, a, b, bias, scale, spec, w, absmax, code, absmax2, code2, offset):
-        dtype = x.dtype
+    def forward(ctx, x, bias, spec, w, absmax, code, absmax2, code2, offset):
         x2 = x.reshape(-1, x.shape[-1])
-        weight = _spec_weight(spec, dtype, w, absmax, code, absmax2, code2, offset)
-        xa = None
-        if a is None:
-            out = F.linear(x2, weight)
-        else:
-            # peft's base + B(A x) s, summed inside the base GEMM: out = (x A^T)(s B)^T, then out += x W^T in
-            # place (beta = 1). `base + lora` as a separate sum became an addmm under torch.compile, which copies
-            # its input first: 9 full-size copies per layer and step (BENCHMARKS.md)
-            xa = x2 @ a.to(dtype).t()
-            out = xa @ (b.to(dtype) * scale).t()
-            _mm_add_(out, x2, weight.t())
-        if bias is not None:
-            out = out + bias.to(dtype)
-        ctx.save_for_backward(x2, xa, a, b, w, absmax, code, absmax2, code2, offset)
-        ctx.scale, ctx.spec = scale, spec
+        out = F.linear(x2, _weight(spec, x.dtype, w, absmax, code, absmax2, code2, offset),
+                       None if bias is None else bias.to(x.dtype))
+        ctx.save_for_backward(w, absmax, code, absmax2, code2, offset)
+        ctx.spec, ctx.dtype = spec, x.dtype
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x2, xa, a, b, w, absmax, code, absmax2, code2, offset = ctx.saved_tensors
-        dtype = x2.dtype
-        g = grad.reshape(-1, grad.shape[-1]).to(dtype)
-        weight = _spec_weight(ctx.spec, dtype, w, absmax, code, absmax2, code2, offset)
-        da = db = None
-        if a is None:
-            dx = g @ weight
-        else:
-            gb = (g @ b.to(dtype)) * ctx.scale  # (tokens, r)
-            dx = gb @ a.to(dtype)
-            _mm_add_(dx, g, weight)  # dx += g W, in the base GEMM
-            da = (gb.t() @ x2).to(a.dtype)
-            db = (g.t() @ xa).mul(ctx.scale).to(b.dtype)
-        dx = dx.view(*grad.shape[:-1], dx.shape[-1])
-        return dx, da, db, None, None, None, None, None, None, None, None, None
+        g = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)
+        dx = g @ _weight(ctx.spec, ctx.dtype, *ctx.saved_tensors)
+        return dx.view(*grad.shape[:-1], dx.shape[-1]), None, None, None, None, None, None, None, None
 
 
 _PARTS = 11  # a projection's arguments after x: a, b, bias, scale, spec, w, absmax, code, absmax2, code2, offset
 
 
-class _SharedInputProjections(torch.autograd.Function):
-    """Several projections of one input, each with a LoRA adapter (q/k/v, gate/up): what _Projection computes
-    for each, but their A matrices act as one, [A_1; A_2; ...], so x A^T, the input's adapter gradient and the
-    A gradients are one GEMM each (x is read once, not once per projection), and the base GEMMs of the backward
-    pass all add onto the same dx (no separate sum of the projections' input gradients)."""
+def _cat(tensors, dim=0):
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
+
+
+class _LoraProjections(torch.autograd.Function):
+    """One or more projections of one input x, each with a LoRA adapter: x W^T + b + s (x A^T) B^T. Saves x and
+    x A^T, never the dequantized W, which the backward pass dequantizes again. Several projections of one input
+    (q/k/v, gate/up) have their A matrices act as one, [A_1; A_2; ...], so x A^T, the input's adapter gradient
+    and the A gradients are one GEMM each (x is read once, not once per projection), and the base GEMMs of the
+    backward pass all add onto the same dx (no separate sum of the projections' input gradients)."""
 
     @staticmethod
     def forward(ctx, x, *flat):
@@ -166,11 +144,14 @@ class _SharedInputProjections(torch.autograd.Function):
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         ranks = [p[0].shape[0] for p in parts]
-        xa = x2 @ torch.cat([p[0].to(dtype) for p in parts]).t()  # (tokens, sum of the ranks)
+        xa = x2 @ _cat([p[0].to(dtype) for p in parts]).t()  # (tokens, sum of the ranks)
         outs = []
         for (_, b, bias, scale, spec, *quant), xa_i in zip(parts, xa.split(ranks, dim=1)):
+            # peft's base + B(A x) s, summed inside the base GEMM: out = (x A^T)(s B)^T, then out += x W^T in
+            # place (beta = 1). `base + lora` as a separate sum became an addmm under torch.compile, which copies
+            # its input first: 9 full-size copies per layer and step (BENCHMARKS.md)
             out = xa_i @ (b.to(dtype) * scale).t()
-            _mm_add_(out, x2, _spec_weight(spec, dtype, *quant).t())  # as in _Projection
+            _mm_add_(out, x2, _weight(spec, dtype, *quant).t())
             if bias is not None:
                 out = out + bias.to(dtype)
             outs.append(out.view(*x.shape[:-1], out.shape[-1]))
@@ -184,10 +165,10 @@ class _SharedInputProjections(torch.autograd.Function):
         dtype = x2.dtype
         per = [saved[i:i + 8] for i in range(0, len(saved), 8)]  # a, b, w, absmax, code, absmax2, code2, offset
         gs = [g.reshape(-1, g.shape[-1]).to(dtype) for g in grads]
-        gb = torch.cat([(g @ p[1].to(dtype)) * s for g, p, s in zip(gs, per, ctx.scales)], dim=1)  # (tokens, r)
-        dx = gb @ torch.cat([p[0].to(dtype) for p in per])
+        gb = _cat([(g @ p[1].to(dtype)) * s for g, p, s in zip(gs, per, ctx.scales)], dim=1)  # (tokens, r)
+        dx = gb @ _cat([p[0].to(dtype) for p in per])
         for g, p, spec in zip(gs, per, ctx.specs):
-            _mm_add_(dx, g, _spec_weight(spec, dtype, *p[2:]))  # dx += g W, in the base GEMM
+            _mm_add_(dx, g, _weight(spec, dtype, *p[2:]))  # dx += g W, in the base GEMM
         da = gb.t() @ x2  # (sum of the ranks, in)
         out = [dx.view(*grads[0].shape[:-1], dx.shape[-1])]
         for da_i, xa_i, g, p, s in zip(da.split(ctx.ranks), xa.split(ctx.ranks, dim=1), gs, per, ctx.scales):
@@ -195,19 +176,17 @@ class _SharedInputProjections(torch.autograd.Function):
         return tuple(out)
 
 
-def _project(x, p):
-    return _Projection.apply(x, *p)
-
-
-def _project_shared(x, projections):
-    """_project(x, p) for each p; as one _SharedInputProjections when every one has an adapter."""
-    if len(projections) > 1 and all(p[0] is not None for p in projections):
-        return _SharedInputProjections.apply(x, *[t for p in projections for t in p])
-    return tuple(_project(x, p) for p in projections)
+def _project(x, projections):
+    """Each projection p (projection_args) of x: all in one _LoraProjections when each has an adapter, else
+    each on its own."""
+    if all(p[0] is not None for p in projections):
+        return _LoraProjections.apply(x, *[t for p in projections for t in p])
+    return tuple(_LoraProjections.apply(x, *p)[0] if p[0] is not None else _Projection.apply(x, p[2], *p[4:])
+                 for p in projections)
 
 
 def projection_args(module):
-    """The arguments of _Projection for `module` (a fused LoRA layer of utils/speed.py, a bitsandbytes Linear4bit
+    """The arguments of _LoraProjections for `module` (a fused LoRA layer of utils/speed.py, a bitsandbytes Linear4bit
     or an nn.Linear), or None when this module cannot compute it exactly (then the original layer runs)."""
     a = b = None
     scale = 1.0
@@ -251,7 +230,7 @@ def decoder_layer(h, cos, sin, mask, norm1, norm2, consts, q, k, v, o, gate, up,
     n_heads, n_kv, head_dim, scaling, eps1, eps2 = consts
     batch, seq = h.shape[:2]
     x = _rms_norm(h, norm1, eps1)
-    qs, ks, vs = _project_shared(x, (q, k, v))
+    qs, ks, vs = _project(x, (q, k, v))
     qs = qs.view(batch, seq, n_heads, head_dim).transpose(1, 2)
     ks = ks.view(batch, seq, n_kv, head_dim).transpose(1, 2)
     vs = vs.view(batch, seq, n_kv, head_dim).transpose(1, 2)
@@ -262,14 +241,14 @@ def decoder_layer(h, cos, sin, mask, norm1, norm2, consts, q, k, v, o, gate, up,
         vs = vs[:, :, None].expand(batch, n_kv, rep, seq, head_dim).reshape(batch, n_heads, seq, head_dim)
     attn = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None and seq > 1,
                                           scale=scaling)
-    h = h + _project(attn.transpose(1, 2).reshape(batch, seq, n_heads * head_dim), o)
+    h = h + _project(attn.transpose(1, 2).reshape(batch, seq, n_heads * head_dim), (o,))[0]
     x = _rms_norm(h, norm2, eps2)
-    return h + _project(_silu_mul(*_project_shared(x, (gate, up))), down)
+    return h + _project(_silu_mul(*_project(x, (gate, up))), (down,))[0]
 
 
 # Compiled once on CUDA, shared by every layer. Without cse=False, AOTAutograd would merge the backward's
 # dequantization of each weight with the forward's, and the merged full-precision weight would then be saved
-# for the backward pass: seven weights per layer (~390 MiB per 7B layer), the reverse of what _Projection does.
+# for the backward pass: seven weights per layer (~390 MiB per 7B layer), the reverse of what _LoraProjections does.
 # Inductor's debug checks of every input's and output's size, stride and alignment are off here: ~160 Python
 # calls per layer and step (forward and backward), and without checkpointing the forward pass waits for the CPU.
 # Dynamo's guards still check the inputs' shapes and strides before each call.
