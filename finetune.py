@@ -183,7 +183,7 @@ def main(args):
     from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 
     from utils import speed
-    from utils.modeling import compute_dtype, load_model, sharding_here
+    from utils.modeling import compute_dtype, load_model, select_process_gpu, sharding_here
     from utils.training import (
         GracefulStop,
         MetaCallback,
@@ -196,9 +196,7 @@ def main(args):
         report_targets,
     )
     set_seed(args.seed)
-    if sharding_here() and torch.cuda.is_available():
-        from accelerate import PartialState
-        PartialState()  # join the process group and select this rank's GPU before the 4-bit weights are placed
+    select_process_gpu()
     model, _, info = load_model(args.base_model, bits=args.bits, training=True,
                                 local_files_only=args.local_files_only, trust_remote_code=args.trust_remote_code,
                                 allow_pickle=args.allow_pickle)

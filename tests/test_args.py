@@ -330,6 +330,32 @@ def test_plain_python_on_several_gpus_keeps_the_printed_batch():
     assert args.n_gpu == 1 and args.train_batch_size == 4
 
 
+@pytest.mark.parametrize("env, sharded, chosen", [({"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, None, 1),
+                                                   ({"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "fsdp", 1),
+                                                   ({"WORLD_SIZE": "1", "LOCAL_RANK": "0"}, None, None),
+                                                   ({}, None, None)])
+def test_each_launched_process_selects_its_own_gpu_first(monkeypatch, env, sharded, chosen):
+    """Under torchrun / accelerate launch each process makes its own GPU the current one before loading: kernels
+    launched eagerly (the Triton NF4 kernel) run on the current GPU, and on rank 1 they failed with cuda:1
+    tensors while GPU 0 was current. Under FSDP / ZeRO-3 accelerate's PartialState does it. No GPU here: the
+    calls are recorded."""
+    import accelerate
+
+    from utils import modeling
+    for name in ("WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    calls = []
+    monkeypatch.setattr(modeling.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(modeling.torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(modeling, "sharding_here", lambda: sharded)
+    monkeypatch.setattr(accelerate, "PartialState", lambda: calls.append(("PartialState",)))
+    assert modeling.select_process_gpu() == chosen
+    expected = [] if chosen is None else [("PartialState",)] if sharded else [("set_device", chosen)]
+    assert calls == expected
+
+
 @pytest.mark.parametrize("text, window", [("3", (3, 3)), ("2-4", (2, 4)), ("0-1", None), ("a-b", None),
                                           ("1-2-3", None), ("", None)])
 def test_profile_steps_parsing(text, window):

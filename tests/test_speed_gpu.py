@@ -140,6 +140,23 @@ def test_triton_nf4_kernel_equals_bitsandbytes_cuda_kernel(nested, shape):
     assert torch.equal(compiled, ref * 2)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_triton_nf4_kernel_on_a_gpu_that_is_not_the_current_one():
+    """A weight on cuda:1 while cuda:0 is the current GPU (a process that has not selected its GPU, or
+    --num_gpus 2 placing layers on both): the kernel runs on the weight's GPU and gives bitsandbytes' result."""
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    from utils import nf4_kernel
+    if not nf4_kernel.AVAILABLE:
+        pytest.skip("needs Triton")
+    with torch.cuda.device(0):
+        weight = (torch.randn(256, 512, device="cuda:1") * 0.05).to(torch.bfloat16)
+        packed, state = bnb.quantize_4bit(weight, quant_type="nf4", compress_statistics=True, blocksize=64)
+        ours = nf4_kernel.dequantize(packed, state.absmax, state.code, 64, list(state.shape), torch.bfloat16,
+                                     state.state2.absmax, state.state2.code, state.offset, state.state2.blocksize)
+        assert torch.cuda.current_device() == 0 and ours.device == torch.device("cuda:1")
+        assert torch.equal(ours, bnb.dequantize_4bit(packed, state))
+
+
 def test_lora_sum_stays_in_place_under_compile():
     """_LoraProjections' `out += x W^T` (fused_layer._mm_add_) compiles to GEMMs writing into `out`, with no
     device-to-device copy (an `out + x @ w.t()` sum compiles to an addmm that copies `out` first)."""

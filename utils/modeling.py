@@ -173,6 +173,24 @@ def distributed_local_rank():
     return None
 
 
+def select_process_gpu():
+    """Under torchrun / accelerate launch with several processes on a GPU machine: make this process's GPU the
+    current one before anything is loaded or run. Kernels launched eagerly run on the current GPU, whatever
+    device their tensors are on. Without this, every process had GPU 0 as its current device, and on rank 1
+    the Triton NF4 kernel was handed cuda:1 tensors and stopped with "Pointer argument (at 0) cannot be
+    accessed from Triton" (2 H200s). Under FSDP / ZeRO-3 accelerate's PartialState does this and also joins
+    the process group, before the 4-bit weights are placed. Returns the GPU index, or None."""
+    rank = distributed_local_rank()
+    if rank is None or not torch.cuda.is_available():
+        return None
+    if sharding_here():
+        from accelerate import PartialState
+        PartialState()
+    else:
+        torch.cuda.set_device(rank)
+    return rank
+
+
 def compute_dtype():
     """bf16 where the GPU has it, fp16 on older GPUs, fp32 on the CPU (pitfall: fp16 loss NaN)."""
     if torch.cuda.is_available():

@@ -85,8 +85,14 @@ def dequantize(w, absmax, code, blocksize, shape, dtype, absmax2=None, code2=Non
         absmax2 = code2 = offset = absmax
     elif not torch.is_tensor(offset):
         offset = torch.tensor(float(offset), device=w.device)
-    out = _dequantize(w.view(-1), absmax.view(-1), code, absmax2.view(-1), code2, offset, nested, blocksize,
-                      blocksize2 or 1, n, dtype)
+    args = (w.view(-1), absmax.view(-1), code, absmax2.view(-1), code2, offset, nested, blocksize, blocksize2 or 1,
+            n, dtype)
+    if torch.compiler.is_compiling() or w.device.type != "cuda" \
+            or w.device.index in (None, torch.cuda.current_device()):
+        out = _dequantize(*args)  # (compiled code selects the tensors' GPU itself)
+    else:  # an eager call for tensors on another GPU: Triton launches on the current one
+        with torch.cuda.device(w.device):
+            out = _dequantize(*args)
     return out.view(shape)
 
 
