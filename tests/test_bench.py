@@ -56,6 +56,16 @@ def test_decode_benchmark_matches_generate_on_cpu():
     assert check["identical_prefix"] == check["compared"] == 6 and check["max_logit_deficit"] == 0
 
 
+def test_gemm_shapes_times_every_variant(capsys):
+    """benchmarks/gemm_shapes.py at a tiny shape on the CPU: every variant is timed for every projection, and
+    the per-layer sums weigh q/k/v/o four times, gate/up twice and down once."""
+    import gemm_shapes
+    per_layer = gemm_shapes.main(TINY + ["--tokens", "16", "--iters", "1", "--tails", "16"])
+    out = capsys.readouterr().out
+    assert out.count("== ") == 4 and "bwd g [W | tail 16]" in out
+    assert len(per_layer) == 12 and all(us > 0 for us in per_layer.values())
+
+
 def test_multi_gpu_comparison_records_the_targets():
     import multi_gpu
     def run(tokens_per_s, peak, losses):
