@@ -39,6 +39,19 @@ def _plant_cycle(model, start_id, cycle_ids, scale=30.0):
             head[nxt] += dirs[:, i]
 
 
+@pytest.fixture
+def free_port():
+    """free_port() -> a TCP port no process listens on now, for a launcher's rendezvous: a fixed port may still
+    be held by another run on the machine."""
+    import socket
+
+    def pick():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    return pick
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A random 2-layer LLaMA (hidden 64) with the bundled SmolLM2 tokenizer and chat template, saved as an

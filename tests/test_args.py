@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import cli_demo
 import finetune
@@ -354,6 +355,35 @@ def test_each_launched_process_selects_its_own_gpu_first(monkeypatch, env, shard
     assert modeling.select_process_gpu() == chosen
     expected = [] if chosen is None else [("PartialState",)] if sharded else [("set_device", chosen)]
     assert calls == expected
+
+
+@pytest.mark.parametrize("engine, device_map", [("fsdp", {"": "cpu"}), ("deepspeed", None)])
+def test_fsdp_training_loads_into_cpu_memory(monkeypatch, engine, device_map):
+    """Under FSDP the model is loaded (and quantized) in CPU memory, and FSDP moves it to the GPUs one unit at
+    a time: loaded on the GPU, every process held the whole 4-bit model first. ZeRO-3 places it itself."""
+    from utils import modeling
+    monkeypatch.setattr(modeling, "sharding_here", lambda: engine)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    chosen, cap, where = modeling.placement(training=True)
+    assert chosen == device_map and cap is None and where.startswith(engine.upper())
+
+
+def test_loading_on_the_cpu_uses_this_process_share_of_the_cores(monkeypatch):
+    """torchrun sets OMP_NUM_THREADS=1; quantizing a model on the CPU with one thread per process would take
+    minutes, so loading raises torch's thread count to the process's share of the cores, then puts it back."""
+    from utils.modeling import cpu_threads_for_loading
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        with cpu_threads_for_loading(True) as threads:
+            assert threads == torch.get_num_threads() == 4
+        assert torch.get_num_threads() == 1
+        with cpu_threads_for_loading(False) as threads:
+            assert threads == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("text, window", [("3", (3, 3)), ("2-4", (2, 4)), ("0-1", None), ("a-b", None),

@@ -4,7 +4,6 @@ single-process run with the same global batch."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,9 +12,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_torchrun_two_processes(tiny_llama_dir, tmp_path):
+def test_torchrun_two_processes(tiny_llama_dir, tmp_path, free_port):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            os.path.join(ROOT, "finetune.py"), "--base_model", tiny_llama_dir, "--output_dir", str(out),
            "--max_steps", "4", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
            "--save_steps", "2", "--cutoff_len", "128"]
@@ -33,7 +32,7 @@ def test_torchrun_two_processes(tiny_llama_dir, tmp_path):
     assert meta["bits"] == 4
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama_dir, tmp_path):
+def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama_dir, tmp_path, free_port):
     """8 records and a global batch of 8, so every step sees every record in both runs whatever the sampler's
     order; LoRA dropout 0, so the only differences are the all-reduce and summation order."""
     records = json.loads(open(os.path.join(ROOT, "dataset", "sample.json"), encoding="utf-8").read())[:8]
@@ -47,7 +46,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama_d
                             capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "--master_port=29518", *common, "--output_dir", str(tmp_path / "two"),
+                             f"--master_port={free_port()}", *common, "--output_dir", str(tmp_path / "two"),
                              "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1"],
                             capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert double.returncode == 0, (double.stdout + double.stderr)[-4000:]
@@ -60,7 +59,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama_d
     assert [loss for _, loss in two] == pytest.approx([loss for _, loss in one], rel=1e-4)
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tiny_llama_dir, tmp_path):
+def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tiny_llama_dir, tmp_path, free_port):
     """SIGTERM reaches only rank 1 (as when a scheduler kills one task): the stop flag is combined over a CPU
     (gloo) group, so both ranks finish the same step, write one complete checkpoint and exit 128 + 15."""
     import signal
@@ -69,10 +68,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(ti
     psutil = pytest.importorskip("psutil")
     from utils.checkpoints import checkpoint_problem, step_checkpoints
     out = tmp_path / "out"
-    with socket.socket() as s:  # a free port: a fixed one may be held by another run on this machine
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            os.path.join(ROOT, "finetune.py"), "--base_model", tiny_llama_dir, "--output_dir", str(out),
            "--max_steps", "400", "--per_device_train_batch_size", "2", "--save_steps", "1000", "--cutoff_len", "128",
            "--logging_steps", "1", "--report_to", "none"]

@@ -20,12 +20,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, SAVE = 4, 2
 
 
-def cpu_config(tmp_path):
+def cpu_config(tmp_path, port):
     """The repo's FSDP config on the CPU. cpu_ram_efficient_loading (and the sync_module_states it forces) is
     off: accelerate looks for a GPU to broadcast from when the FSDP plugin starts."""
     with open(os.path.join(ROOT, "configs", "accelerate_fsdp_qlora.yaml"), encoding="utf-8") as f:
         config = yaml.safe_load(f)
-    config["use_cpu"], config["num_processes"], config["main_process_port"] = True, 2, 29531
+    config["use_cpu"], config["num_processes"], config["main_process_port"] = True, 2, port
     config["fsdp_config"].update(fsdp_cpu_ram_efficient_loading=False, fsdp_sync_module_states=False)
     path = tmp_path / "fsdp_cpu.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -57,7 +57,7 @@ def adapter_config(folder):
     return dict(config, target_modules=sorted(config["target_modules"]))  # a set, saved in any order
 
 
-def test_fsdp_checkpoints_hold_the_adapter_match_one_process_and_resume(tiny_llama_dir, tmp_path):
+def test_fsdp_checkpoints_hold_the_adapter_match_one_process_and_resume(tiny_llama_dir, tmp_path, free_port):
     data = eight_records(tmp_path)
     # 8 records, a global batch of 8: every step sees every record in both layouts; no dropout; the plain peft
     # path in the single process too (FSDP turns the fused speed-ups off)
@@ -65,7 +65,7 @@ def test_fsdp_checkpoints_hold_the_adapter_match_one_process_and_resume(tiny_lla
               "--save_steps", str(SAVE), "--cutoff_len", "128", "--lora_dropout", "0", "--learning_rate", "5e-3",
               "--warmup_ratio", "0", "--logging_steps", "1", "--report_to", "none", "--no-speedups",
               "--per_device_train_batch_size", "4"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", cpu_config(tmp_path),
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", cpu_config(tmp_path, free_port()),
               os.path.join(ROOT, "tests", "fsdp_on_cpu.py"), *common, "--gradient_accumulation_steps", "1"]
 
     one = tmp_path / "one"
@@ -117,7 +117,7 @@ def test_fsdp_checkpoints_hold_the_adapter_match_one_process_and_resume(tiny_lla
     assert torch.equal(loaded, final["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"])
 
 
-def test_fsdp_with_speedups_trains_like_one_process(tiny_llama_dir, tmp_path):
+def test_fsdp_with_speedups_trains_like_one_process(tiny_llama_dir, tmp_path, free_port):
     """The speed-ups that apply under FSDP (packed micro-batches, the chunked loss tied to the outputs so FSDP's
     backward completes) give one process's training with its full speed-ups at the same global batch."""
     data = eight_records(tmp_path)
@@ -130,7 +130,7 @@ def test_fsdp_with_speedups_trains_like_one_process(tiny_llama_dir, tmp_path):
                "--gradient_accumulation_steps", "2"])
     assert "speed-ups: fused LoRA forward" in log
     out = tmp_path / "fsdp"
-    log = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", cpu_config(tmp_path),
+    log = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", cpu_config(tmp_path, free_port()),
                os.path.join(ROOT, "tests", "fsdp_on_cpu.py"), *common, "--output_dir", str(out),
                "--gradient_accumulation_steps", "1"])
     assert log.count("speed-ups under FSDP: chunked cross entropy on labelled positions, packed micro-batches") == 1

@@ -98,3 +98,81 @@ def test_qlora_pipeline_on_gpu(small_llama, tmp_path):
     stdout = run("cli_demo.py", "--model_path", str(tmp_path / "merged"), "--num_gpus", "1", "--temperature", "0",
                  "--max_new_tokens", "20", stdin=FACTS[0]["instruction"] + "\n")
     assert f"Assistant: {FACTS[0]['output']}" in stdout
+
+
+
+def test_fsdp_moves_a_cpu_loaded_4bit_model_to_the_gpu_one_unit_at_a_time(small_llama, monkeypatch, free_port):
+    """Under FSDP, load_model keeps the 4-bit model in CPU memory, and FSDP (wrapped as accelerate does it:
+    device_id, sync_module_states, peft's wrap policy) moves each unit to the GPU and flattens it before the
+    next, so the GPU never holds the model twice. bitsandbytes' quantization states follow their weights, and
+    two training steps give the losses of the same model loaded straight onto the GPU. One process (a world of
+    one) here; benchmarks/multi_gpu.py measures 2 GPUs."""
+    import torch.distributed as dist
+    from peft import get_peft_model
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from utils import modeling, speed
+    model_dir, _ = small_llama
+    batch = torch.randint(3, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
+
+    def peft_model(model, adapter=None):
+        config = speed.lora_config(4, fused=False, r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                                   task_type="CAUSAL_LM", init_lora_weights=False)
+        model = get_peft_model(model.train(), config, autocast_adapter_dtype=False)
+        for name, p in model.named_parameters():  # the same fp32 adapter in both (accelerate upcasts it too)
+            if p.requires_grad:
+                p.data = adapter[name].to(p.device) if adapter else p.data.float()
+        return model
+
+    def two_steps(model, params):
+        opt = torch.optim.SGD(params, lr=1.0)
+        ids = batch.cuda()
+        first = model(input_ids=ids, labels=ids).loss
+        first.backward()
+        opt.step()
+        with torch.no_grad():
+            second = model(input_ids=ids, labels=ids).loss
+        return first.item(), second.item()
+
+    monkeypatch.setattr(modeling, "sharding_here", lambda: "fsdp")
+    # the reference: the same CPU-quantized bytes (bitsandbytes' CPU and CUDA quantizers may round differently),
+    # moved to the GPU whole, without FSDP
+    reference = modeling.load_model(str(model_dir), bits=4, training=True)[0]
+    reference = peft_model(torch.nn.Module.to(reference, "cuda"))
+    adapter = {n: p.detach().cpu().clone() for n, p in reference.named_parameters() if p.requires_grad}
+    ref = two_steps(reference, [p for p in reference.parameters() if p.requires_grad])
+    del reference
+    torch.cuda.empty_cache()
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        model, _, info = modeling.load_model(str(model_dir), bits=4, training=True)
+        assert "CPU memory" in info["where"] and {p.device.type for p in model.parameters()} == {"cpu"}
+        model = peft_model(model, adapter)
+        size = lambda module: sum(p.numel() * p.element_size() for p in module.parameters())  # noqa: E731
+        largest = max(size(m) for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer")
+        root = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                   if "embed_tokens" in n or "lm_head" in n or n.endswith("model.norm.weight"))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        wrapped = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), device_id=torch.cuda.current_device(),
+                       sync_module_states=True, use_orig_params=False)
+        after, peak = torch.cuda.memory_allocated() - start, torch.cuda.max_memory_allocated() - start
+        print(f"FSDP wrap: {after / 2**20:.2f} MiB on the GPU after it, peak {peak / 2**20:.2f} MiB; largest "
+              f"decoder layer {largest / 2**20:.2f} MiB, root unit {root / 2**20:.2f} MiB")
+        # moved and flattened unit by unit: the peak exceeds the final size by about one unit's flat copy (the
+        # root unit, embeddings and output layer, is the largest here), not by a second copy of the model
+        assert after >= size(model) * 0.9 and peak <= after + max(root, largest) * 1.1 + 2**20
+        import bitsandbytes as bnb
+        states = [m.quant_state for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert states and all(s.absmax.is_cuda and s.code.is_cuda and s.state2.absmax.is_cuda for s in states)
+        mine = two_steps(wrapped, wrapped.parameters())
+    finally:
+        dist.destroy_process_group()
+    print("losses, GPU-loaded vs CPU-loaded under FSDP:", ref, mine)
+    assert abs(mine[0] - ref[0]) < 2e-3 * abs(ref[0])
+    assert abs(mine[1] - ref[1]) < 0.1 * abs(ref[1] - ref[0])  # the same update: the second loss moved alike

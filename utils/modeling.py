@@ -220,6 +220,13 @@ def placement(num_gpus=None, max_gpu_memory=None, training=False):
     """device_map and max_memory for from_pretrained, plus a sentence saying what was chosen."""
     available = torch.cuda.device_count()
     rank = distributed_local_rank()
+    if training and sharding_here() == "fsdp":
+        # into CPU memory (4-bit weights quantized there): FSDP then moves, flattens and shards one wrapped unit
+        # at a time onto each GPU, so no GPU ever holds the whole model. Loaded on the GPU, every process held
+        # the whole 4-bit model before FSDP sharded it (3.8 GiB per GPU for the 7B shape on 2 H100s), so a
+        # model too big for one GPU could not be loaded at all.
+        return {"": "cpu"}, None, (f"FSDP-sharded over {os.environ.get('WORLD_SIZE', '?')} processes (loaded into "
+                                   "CPU memory, then moved to the GPUs one FSDP unit at a time)")
     if training and sharding_here():
         return None, None, f"{sharding_here().upper()}-sharded over {os.environ.get('WORLD_SIZE', '?')} processes"
     if rank is not None and available:
@@ -297,12 +304,13 @@ def load_model(model_spec, *, bits=16, lora_model=None, training=False, num_gpus
     device_map, max_memory, where = placement(num_gpus, max_gpu_memory, training)
     if bits in (4, 8) and device_map == {"": "cpu"} and not _bnb_available():
         raise UserError(f"--bits {bits} needs bitsandbytes: pip install 'bitsandbytes>=0.45'")
-    sharded = training and device_map is None
+    sharded = training and sharding_here() is not None
     kwargs = dict(dtype=compute_dtype(), device_map=device_map, max_memory=max_memory,
                   quantization_config=quantization_config(bits, sharded), local_files_only=local_files_only,
                   trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with cpu_threads_for_loading(bits in (4, 8) and device_map == {"": "cpu"} and torch.cuda.is_available()):
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         hint = f" ({PICKLE_HINT})" if not allow_pickle and _has_pickle_weights(path) else ""
         raise UserError(f"cannot load model weights from {path}: {e}{hint}") from None
@@ -317,6 +325,21 @@ def load_model(model_spec, *, bits=16, lora_model=None, training=False, num_gpus
     if not training:
         model.eval()
     return model, tokenizer, {"path": path, "where": where, "bits": bits}
+
+
+@contextlib.contextmanager
+def cpu_threads_for_loading(active):
+    """While `active`: this process's share of the machine's CPU cores for torch's intra-op threads (torchrun
+    sets OMP_NUM_THREADS=1, and bitsandbytes quantizes on the CPU with torch ops: one thread per process would
+    take minutes for a 7B model). The previous thread count comes back afterwards, as training wants it."""
+    before = torch.get_num_threads()
+    if active:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(before, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 def _has_pickle_weights(path):
