@@ -181,11 +181,9 @@ def emit(record):
 # Diagnostics for --profile (CUDA only): where a step waits, where the GPU idles, what is alive at the peak
 # ---------------------------------------------------------------------------------------------------------
 
-def _where(frames, skip=("/torch/", "/warnings.py", "common.py")):
-    """'file:line function <- ...' for the first three of `frames` ((filename, line, name), innermost first)
-    outside torch and this file."""
-    mine = [f for f in frames if not any(s in f[0] for s in skip)]
-    return " <- ".join(f"{os.path.basename(file)}:{line} {name}" for file, line, name in mine[:3])
+def _where(frames):
+    from utils.profiling import where
+    return where(frames, skip=("/torch/", "/warnings.py", "common.py", "profiling.py"))
 
 
 def host_waits(fn):
@@ -215,29 +213,11 @@ def host_waits(fn):
 
 def memory_at_peak(fn, top=12):
     """Run fn() recording the CUDA caching allocator's history; the peak of allocated memory during it and the
-    largest blocks alive at that moment, by the Python frames that allocated them."""
-    base = torch.cuda.memory_allocated()
-    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+    largest blocks alive at that moment, by the Python frames that allocated them (utils/profiling.py)."""
+    from utils.profiling import PeakMemory
+    recorder = PeakMemory(skip=("/torch/", "/warnings.py", "common.py", "profiling.py")).start()
     try:
         fn()
-        snapshot = torch.cuda.memory._snapshot()
     finally:
-        torch.cuda.memory._record_memory_history(enabled=None)
-    device = torch.cuda.current_device()
-    live, now, peak, at_peak = {}, 0, 0, {}
-    for e in snapshot["device_traces"][device]:
-        if e["action"] == "alloc":
-            live[e["addr"]] = e
-            now += e["size"]
-            if now > peak:
-                peak, at_peak = now, dict(live)
-        elif e["action"] in ("free_requested", "free") and e["addr"] in live:
-            now -= live.pop(e["addr"])["size"]
-    groups = {}
-    for e in at_peak.values():
-        where = _where([(f["filename"], f["line"], f["name"]) for f in e.get("frames", [])])
-        size, count = groups.get(where, (0, 0))
-        groups[where] = (size + e["size"], count + 1)
-    biggest = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
-    return {"before_gib": base / 2**30, "peak_gib": (base + peak) / 2**30,
-            "alive_at_peak": [(round(s / 2**20, 1), n, w or "?") for w, (s, n) in biggest]}
+        report = recorder.stop(top)
+    return report

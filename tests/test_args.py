@@ -386,6 +386,27 @@ def test_loading_on_the_cpu_uses_this_process_share_of_the_cores(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_peak_report_finds_what_is_alive_at_the_memory_peak():
+    """utils/profiling.py: peak_report on a made-up allocator trace (the form torch.cuda.memory._snapshot()
+    gives): the peak, and the blocks alive at that moment grouped by where they were allocated."""
+    from utils.profiling import peak_report
+
+    def frame(file, line, name):
+        return {"filename": file, "line": line, "name": name}
+    unit = [frame("/x/torch/distributed/fsdp/_flat_param.py", 10, "unshard"), frame("/x/trainer.py", 5, "step")]
+    act = [frame("/x/torch/nn/modules/module.py", 1, "_call_impl"), frame("/x/modeling_llama.py", 7, "forward")]
+    mib = 2**20
+    trace = [{"action": "alloc", "addr": 1, "size": 100 * mib, "frames": unit},
+             {"action": "alloc", "addr": 2, "size": 30 * mib, "frames": act},
+             {"action": "alloc", "addr": 3, "size": 30 * mib, "frames": act},  # the peak: 160 MiB
+             {"action": "free_requested", "addr": 1, "size": 100 * mib},
+             {"action": "alloc", "addr": 4, "size": 120 * mib, "frames": unit}]  # 180 MiB: the new peak
+    report = peak_report(trace, base=2**30, top=5)
+    assert report["before_gib"] == 1.0 and report["peak_gib"] == pytest.approx(1 + 180 / 1024)
+    assert report["alive_at_peak"] == [(120.0, 1, "_flat_param.py:10 unshard <- trainer.py:5 step"),
+                                       (60.0, 2, "modeling_llama.py:7 forward")]
+
+
 @pytest.mark.parametrize("text, window", [("3", (3, 3)), ("2-4", (2, 4)), ("0-1", None), ("a-b", None),
                                           ("1-2-3", None), ("", None)])
 def test_profile_steps_parsing(text, window):
