@@ -368,6 +368,26 @@ def test_fsdp_training_loads_into_cpu_memory(monkeypatch, engine, device_map):
     assert chosen == device_map and cap is None and where.startswith(engine.upper())
 
 
+def test_fsdp_loading_leaves_no_cpu_device_map_for_accelerate(monkeypatch, tiny_llama_dir):
+    """accelerate refuses to train a 4-bit model whose hf_device_map names another device than the process's
+    GPU; under FSDP the CPU map only says where loading happened, so load_model drops it (transformers 5.24
+    sets none for a single-device map; an older one that does is stood in for here)."""
+    import transformers
+
+    from utils import modeling
+    monkeypatch.setattr(modeling, "sharding_here", lambda: "fsdp")
+    original = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        model = original(cls, *args, **kwargs)
+        model.hf_device_map = dict(kwargs["device_map"])
+        return model
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(from_pretrained))
+    model, _, info = modeling.load_model(tiny_llama_dir, bits=4, training=True)
+    assert info["where"].startswith("FSDP") and not hasattr(model, "hf_device_map")
+    assert model.get_input_embeddings().weight.dtype == modeling.compute_dtype()
+
+
 def test_loading_on_the_cpu_uses_this_process_share_of_the_cores(monkeypatch):
     """torchrun sets OMP_NUM_THREADS=1; quantizing a model on the CPU with one thread per process would take
     minutes, so loading raises torch's thread count to the process's share of the cores, then puts it back."""

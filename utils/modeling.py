@@ -314,6 +314,11 @@ def load_model(model_spec, *, bits=16, lora_model=None, training=False, num_gpus
     except OSError as e:
         hint = f" ({PICKLE_HINT})" if not allow_pickle and _has_pickle_weights(path) else ""
         raise UserError(f"cannot load model weights from {path}: {e}{hint}") from None
+    if sharded and device_map == {"": "cpu"}:
+        # FSDP places the model from here; a device map naming the CPU would make accelerate refuse a 4-bit
+        # model "loaded on a different device than the one you're training on" (transformers 5.24 sets none
+        # for a single-device map; older versions may)
+        model.__dict__.pop("hf_device_map", None)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     for cfg in (model.config, model.generation_config):
