@@ -357,13 +357,15 @@ def test_each_launched_process_selects_its_own_gpu_first(monkeypatch, env, shard
     assert calls == expected
 
 
-@pytest.mark.parametrize("engine, device_map", [("fsdp", {"": "cpu"}), ("deepspeed", None)])
-def test_fsdp_training_loads_into_cpu_memory(monkeypatch, engine, device_map):
+@pytest.mark.parametrize("engine, processes, device_map", [("fsdp", "2", {"": "cpu"}), ("fsdp", "1", None),
+                                                          ("deepspeed", "2", None)])
+def test_fsdp_training_loads_into_cpu_memory(monkeypatch, engine, processes, device_map):
     """Under FSDP the model is loaded (and quantized) in CPU memory, and FSDP moves it to the GPUs one unit at
-    a time: loaded on the GPU, every process held the whole 4-bit model first. ZeRO-3 places it itself."""
+    a time: loaded on the GPU, every process held the whole 4-bit model first. One process shards nothing and
+    loads onto its GPU as before; ZeRO-3 places the model itself."""
     from utils import modeling
     monkeypatch.setattr(modeling, "sharding_here", lambda: engine)
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", processes)
     chosen, cap, where = modeling.placement(training=True)
     assert chosen == device_map and cap is None and where.startswith(engine.upper())
 
@@ -376,6 +378,7 @@ def test_fsdp_loading_leaves_no_cpu_device_map_for_accelerate(monkeypatch, tiny_
 
     from utils import modeling
     monkeypatch.setattr(modeling, "sharding_here", lambda: "fsdp")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     original = transformers.AutoModelForCausalLM.from_pretrained.__func__
 
     def from_pretrained(cls, *args, **kwargs):

@@ -136,9 +136,15 @@ def test_fsdp_moves_a_cpu_loaded_4bit_model_to_the_gpu_one_unit_at_a_time(small_
         return first.item(), second.item()
 
     monkeypatch.setattr(modeling, "sharding_here", lambda: "fsdp")
+
+    def load_as_in_a_launch_of_two():
+        with monkeypatch.context() as m:
+            m.setenv("WORLD_SIZE", "2")  # what load_model sees in each process of a 2-GPU FSDP launch
+            return modeling.load_model(str(model_dir), bits=4, training=True)
+
     # the reference: the same CPU-quantized bytes (bitsandbytes' CPU and CUDA quantizers may round differently),
     # moved to the GPU whole, without FSDP
-    reference = modeling.load_model(str(model_dir), bits=4, training=True)[0]
+    reference = load_as_in_a_launch_of_two()[0]
     reference = peft_model(torch.nn.Module.to(reference, "cuda"))
     adapter = {n: p.detach().cpu().clone() for n, p in reference.named_parameters() if p.requires_grad}
     ref = two_steps(reference, [p for p in reference.parameters() if p.requires_grad])
@@ -149,7 +155,7 @@ def test_fsdp_moves_a_cpu_loaded_4bit_model_to_the_gpu_one_unit_at_a_time(small_
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("nccl", rank=0, world_size=1)
     try:
-        model, _, info = modeling.load_model(str(model_dir), bits=4, training=True)
+        model, _, info = load_as_in_a_launch_of_two()
         assert "CPU memory" in info["where"] and {p.device.type for p in model.parameters()} == {"cpu"}
         model = peft_model(model, adapter)
         size = lambda module: sum(p.numel() * p.element_size() for p in module.parameters())  # noqa: E731

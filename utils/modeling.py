@@ -220,11 +220,12 @@ def placement(num_gpus=None, max_gpu_memory=None, training=False):
     """device_map and max_memory for from_pretrained, plus a sentence saying what was chosen."""
     available = torch.cuda.device_count()
     rank = distributed_local_rank()
-    if training and sharding_here() == "fsdp":
+    if training and sharding_here() == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # into CPU memory (4-bit weights quantized there): FSDP then moves, flattens and shards one wrapped unit
         # at a time onto each GPU, so no GPU ever holds the whole model. Loaded on the GPU, every process held
         # the whole 4-bit model before FSDP sharded it (3.8 GiB per GPU for the 7B shape on 2 H100s), so a
-        # model too big for one GPU could not be loaded at all.
+        # model too big for one GPU could not be loaded at all. (A launch with one process shards nothing: the
+        # model goes to its GPU as before.)
         return {"": "cpu"}, None, (f"FSDP-sharded over {os.environ.get('WORLD_SIZE', '?')} processes (loaded into "
                                    "CPU memory, then moved to the GPUs one FSDP unit at a time)")
     if training and sharding_here():
