@@ -93,7 +93,8 @@ def parse_args(argv=None):
                         "(logs in <output_dir>/runs)")
     g.add_argument("--profile_steps", default=None, metavar="A-B",
                    help="run the PyTorch profiler over optimizer steps A to B and write, per process, a trace and "
-                        "a table of where the time went into <output_dir>/profile (e.g. 10-12)")
+                        "a table of where the time (and, on a GPU, the peak memory) went into <output_dir>/profile "
+                        "(e.g. 10-12)")
     return p.parse_args(argv)
 
 
