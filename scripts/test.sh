@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh --dev
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python3 -m ruff check .
-python3 -m pytest -q -p no:cacheprovider "$@"
+python3 -m pytest -q -p no:cacheprovider --durations=15 "$@"
