@@ -220,7 +220,7 @@ def placement(num_gpus=None, max_gpu_memory=None, training=False):
     """device_map and max_memory for from_pretrained, plus a sentence saying what was chosen."""
     available = torch.cuda.device_count()
     rank = distributed_local_rank()
-    if training and sharding_here() == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if training and sharding_here() == "fsdp" and rank is not None:
         # into CPU memory (4-bit weights quantized there): FSDP then moves, flattens and shards one wrapped unit
         # at a time onto each GPU, so no GPU ever holds the whole model. Loaded on the GPU, every process held
         # the whole 4-bit model before FSDP sharded it (3.8 GiB per GPU for the 7B shape on 2 H100s), so a
@@ -306,16 +306,17 @@ def load_model(model_spec, *, bits=16, lora_model=None, training=False, num_gpus
     if bits in (4, 8) and device_map == {"": "cpu"} and not _bnb_available():
         raise UserError(f"--bits {bits} needs bitsandbytes: pip install 'bitsandbytes>=0.45'")
     sharded = training and sharding_here() is not None
+    fsdp_from_cpu = sharded and device_map == {"": "cpu"}  # FSDP moves the model to the GPUs afterwards
     kwargs = dict(dtype=compute_dtype(), device_map=device_map, max_memory=max_memory,
                   quantization_config=quantization_config(bits, sharded), local_files_only=local_files_only,
                   trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True)
     try:
-        with cpu_threads_for_loading(bits in (4, 8) and device_map == {"": "cpu"} and torch.cuda.is_available()):
+        with cpu_threads_for_loading(fsdp_from_cpu):
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         hint = f" ({PICKLE_HINT})" if not allow_pickle and _has_pickle_weights(path) else ""
         raise UserError(f"cannot load model weights from {path}: {e}{hint}") from None
-    if sharded and device_map == {"": "cpu"}:
+    if fsdp_from_cpu:
         # FSDP places the model from here; a device map naming the CPU would make accelerate refuse a 4-bit
         # model "loaded on a different device than the one you're training on" (transformers 5.24 sets none
         # for a single-device map; older versions may)

@@ -42,7 +42,10 @@ def gpu_idle(prof, min_gap_us=100.0):
             "gaps_over_min": len(long), "longest": [(round(g / 1e3, 2), a[:50], b[:50]) for g, a, b in long[:8]]}
 
 
-def where(frames, skip=("/warnings.py", "profiling.py", "/torch/nn/modules/module.py"), depth=3):
+SKIP = ("/warnings.py", "profiling.py", "/torch/nn/modules/module.py")  # frames `where` leaves out by default
+
+
+def where(frames, skip=SKIP, depth=3):
     """'file:line function <- ...' for the first `depth` of `frames` ((filename, line, name), innermost first)
     whose file path contains none of `skip`."""
     mine = [f for f in frames if not any(s in f[0] for s in skip)]
@@ -54,7 +57,7 @@ class PeakMemory:
     allocated memory in that time and the largest groups of blocks alive at that moment, grouped by the Python
     frames that allocated them (only blocks allocated after start(); the rest counts in 'before_gib')."""
 
-    def __init__(self, skip=None):
+    def __init__(self, skip=SKIP):
         self.skip, self.base = skip, None
 
     def start(self):
@@ -70,7 +73,7 @@ class PeakMemory:
         return peak_report(snapshot["device_traces"][torch.cuda.current_device()], self.base, top, self.skip)
 
 
-def peak_report(trace, base=0, top=12, skip=None):
+def peak_report(trace, base=0, top=12, skip=SKIP):
     """From one device's allocator trace (torch.cuda.memory._snapshot()['device_traces'][i]): the peak of
     allocated bytes over the trace (plus `base`, what was allocated before it) and the groups of blocks alive
     at the peak, largest first, as (MiB, blocks, where)."""
@@ -86,7 +89,7 @@ def peak_report(trace, base=0, top=12, skip=None):
     groups = {}
     for e in at_peak.values():
         frames = [(f["filename"], f["line"], f["name"]) for f in e.get("frames", [])]
-        at = where(frames, skip) if skip else where(frames)
+        at = where(frames, skip)
         size, count = groups.get(at, (0, 0))
         groups[at] = (size + e["size"], count + 1)
     biggest = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
