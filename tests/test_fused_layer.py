@@ -266,3 +266,36 @@ def test_inductor_options_reach_inductor_only(monkeypatch):
     assert seen[1]["options"] is None
     assert fused_layer.run_layer.inductor_options == {"size_asserts": False, "alignment_asserts": False,
                                                       "scalar_asserts": False}
+
+
+def test_compiled_functions_keep_more_versions_than_torchs_default(monkeypatch):
+    """A decoder layer compiles one version per grad mode and shape stage, which reaches torch's default limit
+    of 8 in an ordinary run; past the limit torch runs the function eagerly, silently slow. _Fused raises it."""
+    import torch._dynamo.config as dynamo_config
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(dynamo_config, name, 8)
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(1)
+        return gm.forward
+
+    torch._dynamo.reset()
+    f = speed._Fused(lambda x: x * 2)
+    run = f.compile(backend=backend)
+    assert getattr(dynamo_config, name) == speed.RECOMPILE_LIMIT
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+              torch.int8, torch.uint8, torch.complex64]
+    for dtype in dtypes:  # a new dtype is a new version each time
+        assert run(torch.ones(3, dtype=dtype)).dtype == dtype
+    assert len(compiles) == len(dtypes)  # with the default limit the last two would run uncompiled
+    torch._dynamo.reset()
+
+
+def test_attention_by_segment_only_where_flash_attention_runs():
+    """segments(): the collator's segment starts are used on a CUDA GPU only (flash attention over them); on
+    the CPU, or without them, the layer keeps the block-diagonal mask."""
+    batch = speed.packed_collate()(_examples())
+    h = torch.zeros(1, batch["input_ids"].shape[1], 128)
+    assert fused_layer.segments(h, batch, 32, 32 ** -0.5) is None  # a CPU tensor
+    assert fused_layer.segments(h, {}, 32, 32 ** -0.5) is None

@@ -104,8 +104,14 @@ def test_packed_rows_fill_with_a_segment_of_their_own():
     assert batch["position_ids"][2].tolist() == list(range(9)) + list(range(16)) + list(range(8))
     assert batch["labels"][0, 20:].eq(-100).all() and batch["labels"][2, 25:].eq(-100).all()
     assert (batch["labels"][:, 1:] != -100).sum() == sum(n - p for n, p in EXAMPLES)
+    # where each segment (example or filler) starts among all 3 x 33 tokens, for attention by segment on a GPU
+    assert batch["cu_seq_lens_q"].dtype == torch.int32 and batch["max_length_q"] == batch["max_length_k"] == 33
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == [0, 20, 33, 66, 75, 91, 99]
+    one_row = speed.packed_collate()(examples)
+    assert one_row["cu_seq_lens_q"].tolist() == [0, 20, 53, 62, 78] and one_row["max_length_q"] == 33
     equal = speed.packed_collate(row_tokens=8)([{"input_ids": [5] * 8, "labels": [5] * 8}] * 2)
     assert equal["position_ids"].tolist() == [list(range(8))] * 2  # no reset: plain causal attention
+    assert "cu_seq_lens_q" not in equal
 
 
 @pytest.mark.parametrize("bits", [16, 4])

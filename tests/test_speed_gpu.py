@@ -231,3 +231,66 @@ def test_parked_inputs_come_back_whole_and_each_fetch_starts_the_next():
         if i:
             assert parked[i - 1].ready is not None  # already on its way back
     assert parked[0].ready is None
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_rows_attend_by_segment_with_flash_attention(checkpointing):
+    """Given packed_collate's segment starts, the fused layers attend within each example through flash
+    attention over those starts (seen in the profile): every packed example's logits equal its logits alone,
+    and the loss and adapter gradients equal those of the 4-D mask path (the same batch without the starts)."""
+    from peft import get_peft_model
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import LlamaForCausalLM
+
+    from utils import fused_layer, speed
+    if not fused_layer._FLASH_BY_SEGMENT:
+        pytest.skip("this torch has no flash attention over segment starts")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(_config(), dtype=torch.bfloat16)
+    config = speed.lora_config(16, r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                               task_type="CAUSAL_LM", init_lora_weights=False)
+    model = get_peft_model(model, config).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert speed.TrainingSpeedups(model).layers == 3
+    g = torch.Generator().manual_seed(2)
+    examples = [{"input_ids": ids, "labels": ids}
+                for ids in (torch.randint(3, 512, (n,), generator=g).tolist() for n in (37, 120, 5, 64, 200, 9))]
+    # rows of at most 256 tokens: [37, 120, 5, 64] and [200, 9, filler 17]
+    batch = speed.packed_collate(row_tokens=256)(examples)
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    assert batch["input_ids"].shape == (2, 226) and batch["cu_seq_lens_q"].tolist() == [0, 37, 157, 162, 226, 426,
+                                                                                         435, 452]
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            logits = model(**batch).logits
+            torch.cuda.synchronize()
+        ops = {e.name for e in prof.events()}
+        # flash attention over segment starts ran, and neither sdpa nor its masked (efficient) kernel did
+        assert "aten::_flash_attention_forward" in ops and not [n for n in ops if "scaled_dot_product" in n
+                                                                 or "efficient_attention" in n], sorted(ops)
+        flat = logits.view(-1, logits.shape[-1]).float()
+        start = 0
+        for ex in examples:
+            alone = model(input_ids=torch.tensor([ex["input_ids"]], device="cuda")).logits[0].float()
+            part = flat[start:start + len(alone)]
+            print(len(alone), "max |packed - alone| logit:", (part - alone).abs().max().item())
+            assert (part - alone).abs().max().item() < 0.05 * alone.abs().max().item()
+            start += len(alone) + (17 if len(alone) == 9 else 0)  # the second row's filler follows the 9
+    results = []
+    for starts in (True, False):
+        inputs = dict(batch) if starts else {k: v for k, v in batch.items() if "seq_len" not in k
+                                              and "max_length" not in k}
+        model.zero_grad(set_to_none=True)
+        logits = model(**inputs).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100)
+        loss.backward()
+        grads = torch.cat([p.grad.float().flatten() for _, p in sorted(model.named_parameters()) if p.requires_grad])
+        results.append((loss.item(), grads))
+    (l0, g0), (l1, g1) = results
+    print("loss by segment", l0, "with the mask", l1, "grad rel diff", ((g1 - g0).norm() / g0.norm()).item())
+    assert abs(l0 - l1) < 2e-3 * abs(l1)
+    assert ((g1 - g0).norm() / g0.norm()).item() < 2e-2

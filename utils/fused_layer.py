@@ -222,11 +222,58 @@ def projection_args(module):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Attention over packed rows: flash attention by segment
+# ---------------------------------------------------------------------------------------------------------
+
+def _flash_by_segment():
+    """Whether this torch has flash attention over cumulative segment lengths as an aten op with its autograd
+    formula (aten::_flash_attention_forward, the kernel under sdpa's flash backend and under
+    torch.nn.attention.varlen). That public wrapper is not used: depending on the torch version it picks cuDNN
+    on Hopper, which builds a new plan for every new token count, i.e. at nearly every packed step."""
+    op = getattr(torch.ops.aten, "_flash_attention_forward", None)
+    schema = str(op.default._schema) if op is not None else ""
+    return "cum_seq_q" in schema and "float? scale" in schema
+
+
+_FLASH_BY_SEGMENT = _flash_by_segment()
+
+
+def _segment_attention(q, k, v, starts, longest, scale):
+    """Causal attention within each segment of packed rows: q, k, v are (tokens, heads, head_dim) for all rows
+    flattened, `starts` the int32 cumulative segment lengths over those tokens (0 first, all tokens last)."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, starts, starts, longest, longest, 0.0, True, False,
+                                                   scale=scale)[0]
+
+
+def segments(hidden_states, kwargs, head_dim, scaling):
+    """(cumulative segment lengths, longest segment) for flash attention by segment, from what packed_collate
+    passes with a packed batch (cu_seq_lens_q / max_length_q, the names transformers' flash-attention path
+    reads), or None when flash attention does not apply here: not a CUDA GPU of compute capability >= 8.0, a
+    dtype other than bf16/fp16, a head size it lacks, a torch without it, or no such arguments. Then the 4-D
+    block-diagonal mask transformers builds from the same position ids is used, with sdpa's kernels: exact too,
+    but each row's attention then costs (row length)^2, not the sum of (segment length)^2."""
+    starts, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if not _FLASH_BY_SEGMENT or not isinstance(starts, torch.Tensor) or not isinstance(longest, int):
+        return None
+    if not hidden_states.is_cuda or starts.device != hidden_states.device \
+            or hidden_states.dtype not in (torch.bfloat16, torch.float16) or head_dim % 8 or head_dim > 256 \
+            or torch.cuda.get_device_capability(hidden_states.device) < (8, 0):
+        return None
+    starts = starts.to(torch.int32)
+    # the number of segments changes at every step: compiled for any number from the first, rather than for
+    # this one and then again (another compile of the layer in each grad mode, ~12 s for a 7B layer on an H200)
+    torch._dynamo.maybe_mark_dynamic(starts, 0)
+    return starts, longest
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The decoder layer as one function
 # ---------------------------------------------------------------------------------------------------------
 
 def decoder_layer(h, cos, sin, mask, norm1, norm2, consts, q, k, v, o, gate, up, down):
-    """LlamaDecoderLayer.forward without a cache: pre-norm attention and SwiGLU MLP, each with a residual."""
+    """LlamaDecoderLayer.forward without a cache: pre-norm attention and SwiGLU MLP, each with a residual.
+    `mask`: None (causal), a 4-D attention mask, or (cumulative segment lengths, longest segment) from
+    segments() for packed rows (flash attention by segment)."""
     n_heads, n_kv, head_dim, scaling, eps1, eps2 = consts
     batch, seq = h.shape[:2]
     x = _rms_norm(h, norm1, eps1)
@@ -239,9 +286,14 @@ def decoder_layer(h, cos, sin, mask, norm1, norm2, consts, q, k, v, o, gate, up,
         rep = n_heads // n_kv
         ks = ks[:, :, None].expand(batch, n_kv, rep, seq, head_dim).reshape(batch, n_heads, seq, head_dim)
         vs = vs[:, :, None].expand(batch, n_kv, rep, seq, head_dim).reshape(batch, n_heads, seq, head_dim)
-    attn = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None and seq > 1,
-                                          scale=scaling)
-    h = h + _project(attn.transpose(1, 2).reshape(batch, seq, n_heads * head_dim), (o,))[0]
+    if isinstance(mask, tuple):  # packed rows: every token of every row in one list, attention by segment
+        def tokens(t):
+            return t.transpose(1, 2).reshape(batch * seq, n_heads, head_dim)
+        attn = _segment_attention(tokens(qs), tokens(ks), tokens(vs), *mask, scaling)
+    else:
+        attn = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None and seq > 1,
+                                              scale=scaling).transpose(1, 2)
+    h = h + _project(attn.reshape(batch, seq, n_heads * head_dim), (o,))[0]
     x = _rms_norm(h, norm2, eps2)
     return h + _project(_silu_mul(*_project(x, (gate, up))), (down,))[0]
 
@@ -381,6 +433,7 @@ class FastDecoderLayer(nn.Module):
             return None
         if attention_mask is not None and attention_mask.dim() != 4:
             return None
+        packed = segments(hidden_states, kwargs, attn.head_dim, float(attn.scaling))
         projections = []
         for parent, name in PROJECTIONS:
             p = projection_args(getattr(getattr(self, parent), name))
@@ -388,8 +441,8 @@ class FastDecoderLayer(nn.Module):
                 return None
             projections.append(p)
         cos, sin = position_embeddings
-        return (cos, sin, attention_mask, self.input_layernorm.weight, self.post_attention_layernorm.weight,
-                self.consts, *projections)
+        return (cos, sin, attention_mask if packed is None else packed, self.input_layernorm.weight,
+                self.post_attention_layernorm.weight, self.consts, *projections)
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, **kwargs):
         args = self.fused_args(hidden_states, attention_mask, position_embeddings, kwargs)

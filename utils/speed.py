@@ -17,7 +17,9 @@ What each one removes from the plain transformers + peft + bitsandbytes recipe:
   with its checkpointed input parked in CPU memory: most of the CPU launch overhead and ~1 GiB of a 7B step go.
 - `packed_collate`: a micro-batch's examples in one row, with position ids restarting at 0 for each one and no
   padding. transformers builds a block-diagonal causal mask from such position ids (sdpa, eager and flash
-  attention), so no example attends to another; the loss equals the padded batch's (tests/test_speed.py).
+  attention), so no example attends to another; the loss equals the padded batch's (tests/test_speed.py). On
+  a GPU the fused layers skip that mask and attend within each example with torch's variable-length flash
+  kernel, from the segment starts the collator adds (tests/test_speed_gpu.py).
 """
 
 import contextlib
@@ -51,6 +53,21 @@ def compile_available():
     return torch.cuda.get_device_capability() >= (7, 0) and importlib.util.find_spec("triton") is not None
 
 
+RECOMPILE_LIMIT = 32
+
+
+def raise_recompile_limit(limit=RECOMPILE_LIMIT):
+    """Let torch.compile keep up to `limit` compiled versions of a function (torch's default is 8). Beyond the
+    limit it runs the function eagerly for the rest of the process, silently slow. A decoder layer reaches 8
+    in an ordinary run: each grad mode (the checkpointed forward without gradients, its recomputation with
+    them) compiles once per shape, then again each time another size starts to vary (packed rows: the token
+    count, then the number of examples), and a padded or equal-length batch brings its own versions."""
+    import torch._dynamo.config as dynamo_config
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    if getattr(dynamo_config, name, limit) < limit:
+        setattr(dynamo_config, name, limit)
+
+
 class _Fused:
     """Calls `fn` compiled for CUDA inputs when compile_available(), else eagerly. dynamic=True: one
     dynamic-shape compile; None: torch.compile's default (static first, dynamic after a shape changes).
@@ -65,6 +82,7 @@ class _Fused:
 
     def compile(self, backend="inductor"):
         """`fn` through torch.compile with this object's settings (the tests use a backend the CPU can run)."""
+        raise_recompile_limit()
         options = None
         if backend == "inductor" and self.inductor_options:
             import torch._inductor.config as inductor_config
@@ -448,7 +466,13 @@ def packed_collate(row_tokens=None, logits_to_keep=None):
     padding, none of the padding. With row_tokens, examples fill rows of at most that many tokens in order
     (one that is longer gets a row of its own); shorter rows end in a filler segment of its own (position ids
     from 0, no labels). Equal-length examples of row_tokens each make one row with no reset at all, which
-    keeps plain causal attention (flash kernels)."""
+    keeps plain causal attention (flash kernels).
+
+    Where a row holds several segments, the batch also says where each segment starts among all the rows'
+    tokens (`cu_seq_lens_q` / `_k`, int32, and `max_length_q` / `_k`, the longest segment: the names
+    transformers' flash-attention path reads). On a GPU the fused decoder layers then attend within segments
+    with torch's variable-length flash kernel (utils/fused_layer.py), so a row's attention costs the sum of its
+    segments' squared lengths rather than its own squared length; elsewhere the mask is used."""
 
     def collate(batch):
         rows, row = [], []
@@ -459,19 +483,26 @@ def packed_collate(row_tokens=None, logits_to_keep=None):
             row.append(ex)
         rows.append(row)
         width = max(sum(len(e["input_ids"]) for e in r) for r in rows)
-        ids, labels, positions = [], [], []
+        ids, labels, positions, lengths = [], [], [], []
         for r in rows:
             i, lab, pos = [], [], []
             for ex in r:
                 i += ex["input_ids"]
                 lab += [IGNORE_INDEX] + list(ex["labels"][1:])
                 pos += range(len(ex["input_ids"]))
+                lengths.append(len(ex["input_ids"]))
             fill = width - len(i)
             ids.append(i + [0] * fill)
             labels.append(lab + [IGNORE_INDEX] * fill)
             positions.append(pos + list(range(fill)))
+            if fill:
+                lengths.append(fill)
         out = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
                "position_ids": torch.tensor(positions), "use_cache": False}
+        if len(lengths) > len(rows):  # some row holds several segments: where they start, for attention by segment
+            starts = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            out.update(cu_seq_lens_q=starts, cu_seq_lens_k=starts.clone(), max_length_q=max(lengths),
+                       max_length_k=max(lengths))
         if logits_to_keep:
             out["logits_to_keep"] = logits_to_keep
         return out
