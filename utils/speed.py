@@ -584,7 +584,10 @@ class TrainingSpeedups:
                     f"{'packed micro-batches (no padding)' if self.packing else 'padded micro-batches'}"
                     f"{', checkpointed layer inputs parked in CPU memory' if self.park_inputs else ''}; the fused "
                     "layers are off (FSDP wraps the decoder layers by class and flattens their weights)")
+        from utils.fused_layer import _FLASH_BY_SEGMENT
+        by_example = ", flash attention within each example" if self.layers and _FLASH_BY_SEGMENT \
+            and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0) else ""
         return (f"speed-ups: fused LoRA forward in {self.fused_lora} layers, fused RMSNorm x{self.norms} and "
                 f"SwiGLU x{self.mlps} ({kernels}), {layers}, {self.loss_note}, "
-                f"{'packed micro-batches (no padding)' if self.packing else 'padded micro-batches'}"
+                f"{f'packed micro-batches (no padding{by_example})' if self.packing else 'padded micro-batches'}"
                 f"{', cuDNN attention off' if self.cudnn_attention_off else ''}")
