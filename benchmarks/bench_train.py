@@ -133,14 +133,23 @@ def to_device(batch, device, args):
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def compiled_graphs():
+    """How many graphs torch.compile has compiled in this process so far (recompilations included)."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
 def timed(step, batches, args):
-    """Run `step` on warmup + timed batches; tokens/s over the timed ones, peak GiB over all."""
+    """Run `step` on warmup + timed batches; tokens/s over the timed ones, peak GiB over all, and how many
+    graphs torch.compile compiled during the timed steps (then the figure includes compile time: a shape that
+    went on changing after the warm-up; the table flags it)."""
     if len(batches) <= args.warmup:
         raise SystemExit(f"only {len(batches)} batches for {args.warmup} warmup steps")
     reset_peak()
     for b in batches[:args.warmup]:
         step(b)
     sync()
+    graphs = compiled_graphs()
     started = time.perf_counter()
     tokens = 0
     for b in batches[args.warmup:]:
@@ -148,7 +157,8 @@ def timed(step, batches, args):
     sync()
     seconds = time.perf_counter() - started
     steps = len(batches) - args.warmup
-    return {"tokens_per_s": tokens / seconds, "peak_gib": peak_gib(), "step_s": seconds / steps, "steps": steps}
+    return {"tokens_per_s": tokens / seconds, "peak_gib": peak_gib(), "step_s": seconds / steps, "steps": steps,
+            "compiled_while_timed": compiled_graphs() - graphs}
 
 
 def loss_curve(model, step, batches, args):
@@ -414,6 +424,11 @@ def table(results, args):
         kind = f"{args.batch}x{args.seq} random" if r["data"] == "fixed" else "Alpaca-like, real tokens"
         rows.append(f"| {r['stack']} | {kind} | {'on' if r['ckpt'] else 'off'} | {r['dropout']} | "
                     f"{r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | {' | '.join(ratios)} |")
+    for r in timed_rows:
+        if r.get("compiled_while_timed"):
+            rows.append(f"warning: {r['stack']} ({r['data']} data, checkpointing {'on' if r['ckpt'] else 'off'}) "
+                        f"compiled {r['compiled_while_timed']} graph(s) during its timed steps, so its figure "
+                        "includes compile time; run again with a larger --warmup")
     curves = {r["stack"]: r["losses"] for r in results if r["data"] == "losses"}
     if len(curves) == 2:
         plain, ours = curves["plain"], curves["ours"]

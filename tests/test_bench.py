@@ -117,3 +117,27 @@ def test_trace_breakdown_sorts_kernels_and_finds_idle_time(tmp_path, capsys):
     assert all(rows[k][1] == "1" for k in ("gemm, small", "nf4 dequant", "attention", "triton"))
     assert "0.1 ms  gemm, large | nvjet_sm90_tst_256x128_gemm" in out  # the 100 us gap follows the large GEMM
     assert "0.0 ms  nf4 dequant | _dequantize_nf4_kernel" in out  # the 20 us one the dequantization
+
+
+def test_train_benchmark_flags_compiling_inside_the_timed_steps():
+    """A step that compiles something new after the warm-up (here: a new shape at every step, with dynamic
+    shapes off) is counted, and the table says that figure includes compile time."""
+    import bench_train
+    import torch
+    args = bench_train.parse_args(TINY + ["--warmup", "1"])
+    double = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
+    torch._dynamo.reset()
+
+    def step(n):
+        double(torch.ones(n))
+        return n
+
+    steady = bench_train.timed(step, [5, 5, 5], args)
+    changing = bench_train.timed(step, [6, 7, 8], args)
+    torch._dynamo.reset()
+    assert steady["compiled_while_timed"] == 0 and changing["compiled_while_timed"] == 2
+    rows = [dict(stack="ours", data="real", ckpt=True, dropout=0.0, **changing),
+            dict(stack="ours", data="fixed", ckpt=True, dropout=0.0, **steady)]
+    table = bench_train.table(rows, args)
+    assert "warning: ours (real data, checkpointing on) compiled 2 graph(s)" in table
+    assert "fixed data" not in table
