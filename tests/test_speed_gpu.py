@@ -243,7 +243,7 @@ def test_packed_rows_attend_by_segment_with_flash_attention(checkpointing):
     from transformers import LlamaForCausalLM
 
     from utils import fused_layer, speed
-    if not fused_layer._FLASH_BY_SEGMENT:
+    if not fused_layer.FLASH_BY_SEGMENT:
         pytest.skip("this torch has no flash attention over segment starts")
     torch.manual_seed(0)
     with torch.device("cuda"):

@@ -16,6 +16,9 @@ eagerly, so CPU tests run the same code.
   input waits in pinned CPU memory (copied on a side stream), so checkpointing holds ~0 GPU memory per layer.
   The backward pass copies it back, recomputes the layer and returns the adapter gradients as ordinary autograd
   outputs (no nested .backward(), so DDP's gradient hooks see them as usual).
+- Packed rows (utils/speed.py: packed_collate) bring where each example starts; on a GPU attention then runs
+  within each example through flash attention over those starts (segments()), not over whole rows with
+  transformers' block-diagonal mask, which stays the path elsewhere.
 
 FastDecoderLayer keeps the same child modules under the same names as the layer it replaces, so state dicts,
 adapter files and peft's calls are unchanged. It runs the fused function only when that computes what the
@@ -235,7 +238,7 @@ def _flash_by_segment():
     return "cum_seq_q" in schema and "float? scale" in schema
 
 
-_FLASH_BY_SEGMENT = _flash_by_segment()
+FLASH_BY_SEGMENT = _flash_by_segment()
 
 
 def _segment_attention(q, k, v, starts, longest, scale):
@@ -253,7 +256,7 @@ def segments(hidden_states, kwargs, head_dim, scaling):
     block-diagonal mask transformers builds from the same position ids is used, with sdpa's kernels: exact too,
     but each row's attention then costs (row length)^2, not the sum of (segment length)^2."""
     starts, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
-    if not _FLASH_BY_SEGMENT or not isinstance(starts, torch.Tensor) or not isinstance(longest, int):
+    if not FLASH_BY_SEGMENT or not isinstance(starts, torch.Tensor) or not isinstance(longest, int):
         return None
     if not hidden_states.is_cuda or starts.device != hidden_states.device \
             or hidden_states.dtype not in (torch.bfloat16, torch.float16) or head_dim % 8 or head_dim > 256 \
@@ -261,7 +264,8 @@ def segments(hidden_states, kwargs, head_dim, scaling):
         return None
     starts = starts.to(torch.int32)
     # the number of segments changes at every step: compiled for any number from the first, rather than for
-    # this one and then again (another compile of the layer in each grad mode, ~12 s for a 7B layer on an H200)
+    # this one and then again (one more compile of the layer in each grad mode: ~12 s in all for a 7B layer on
+    # an H200, BENCHMARKS.md)
     torch._dynamo.maybe_mark_dynamic(starts, 0)
     return starts, longest
 

@@ -18,8 +18,8 @@ What each one removes from the plain transformers + peft + bitsandbytes recipe:
 - `packed_collate`: a micro-batch's examples in one row, with position ids restarting at 0 for each one and no
   padding. transformers builds a block-diagonal causal mask from such position ids (sdpa, eager and flash
   attention), so no example attends to another; the loss equals the padded batch's (tests/test_speed.py). On
-  a GPU the fused layers skip that mask and attend within each example with torch's variable-length flash
-  kernel, from the segment starts the collator adds (tests/test_speed_gpu.py).
+  a GPU the fused layers skip that mask and run flash attention within each example, from the segment starts
+  the collator adds (tests/test_speed_gpu.py).
 """
 
 import contextlib
@@ -470,8 +470,8 @@ def packed_collate(row_tokens=None, logits_to_keep=None):
 
     Where a row holds several segments, the batch also says where each segment starts among all the rows'
     tokens (`cu_seq_lens_q` / `_k`, int32, and `max_length_q` / `_k`, the longest segment: the names
-    transformers' flash-attention path reads). On a GPU the fused decoder layers then attend within segments
-    with torch's variable-length flash kernel (utils/fused_layer.py), so a row's attention costs the sum of its
+    transformers' flash-attention path reads). On a GPU the fused decoder layers then run flash attention
+    within each segment (utils/fused_layer.py), so a row's attention costs the sum of its
     segments' squared lengths rather than its own squared length; elsewhere the mask is used."""
 
     def collate(batch):
@@ -584,8 +584,8 @@ class TrainingSpeedups:
                     f"{'packed micro-batches (no padding)' if self.packing else 'padded micro-batches'}"
                     f"{', checkpointed layer inputs parked in CPU memory' if self.park_inputs else ''}; the fused "
                     "layers are off (FSDP wraps the decoder layers by class and flattens their weights)")
-        from utils.fused_layer import _FLASH_BY_SEGMENT
-        by_example = ", flash attention within each example" if self.layers and _FLASH_BY_SEGMENT \
+        from utils.fused_layer import FLASH_BY_SEGMENT
+        by_example = ", flash attention within each example" if self.layers and FLASH_BY_SEGMENT \
             and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0) else ""
         return (f"speed-ups: fused LoRA forward in {self.fused_lora} layers, fused RMSNorm x{self.norms} and "
                 f"SwiGLU x{self.mlps} ({kernels}), {layers}, {self.loss_note}, "
