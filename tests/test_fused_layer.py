@@ -7,6 +7,7 @@ rows (block-diagonal mask) and padded batches, with and without gradient checkpo
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import get_peft_model, get_peft_model_state_dict
 from test_speed import _examples, _Pad  # the same four examples (tokens, prompt tokens)
 
@@ -299,3 +300,41 @@ def test_attention_by_segment_only_where_flash_attention_runs():
     h = torch.zeros(1, batch["input_ids"].shape[1], 128)
     assert fused_layer.segments(h, batch, 32, 32 ** -0.5) is None  # a CPU tensor
     assert fused_layer.segments(h, {}, 32, 32 ** -0.5) is None
+
+
+def test_attention_by_segment_lays_out_tokens_like_the_mask_path(gqa_folder, monkeypatch):
+    """decoder_layer's by-segment branch (flattening each row's tokens for flash attention, and back) computes
+    what the block-diagonal mask path computes, outputs and gradients. Flash attention itself needs a GPU
+    (tests/test_speed_gpu.py); here a reference of it, sdpa on one segment at a time, stands in."""
+    def by_segment(q, k, v, starts, longest, scale):
+        bounds = starts.tolist()
+        assert max(b - a for a, b in zip(bounds, bounds[1:])) == longest
+        out = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True,
+                                              scale=scale).transpose(0, 1) for a, b in zip(bounds, bounds[1:])]
+        return torch.cat(out)
+
+    monkeypatch.setattr(fused_layer, "_segment_attention", by_segment)
+    model = _load(gqa_folder, 16)
+    assert fused_layer.fuse_decoder_layers(model) == 2
+    layer = model.base_model.model.model.layers[0]
+    batch = speed.packed_collate(row_tokens=40)(_examples())  # 3 rows of 33: [20 + filler], [33], [9, 16 + filler]
+    positions = batch["position_ids"]
+    segment = (positions == 0).cumsum(-1)
+    causal = positions[:, :, None] >= positions[:, None, :]
+    mask = ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]  # (rows, 1, tokens, tokens)
+    cos, sin = model.base_model.model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+    g = torch.Generator().manual_seed(3)
+    results = []
+    for packed in (False, True):
+        h = (torch.randn((3, 33, 128), generator=g.manual_seed(3)) * 1e-2).requires_grad_()
+        args = list(layer.fused_args(h, mask, (cos, sin), {}))
+        if packed:
+            args[2] = (batch["cu_seq_lens_q"], batch["max_length_q"])
+        out = fused_layer.decoder_layer(h, *args)
+        trainable = [t for p in args[6:] for t in p[:2] if t is not None]
+        grads = torch.autograd.grad(out.square().sum(), [h] + trainable)
+        results.append((out, grads))
+    (o0, g0), (o1, g1) = results
+    torch.testing.assert_close(o1, o0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * a.abs().max().item())  # fp32 rounding only
