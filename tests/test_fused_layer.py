@@ -338,3 +338,33 @@ def test_attention_by_segment_lays_out_tokens_like_the_mask_path(gqa_folder, mon
     torch.testing.assert_close(o1, o0, rtol=1e-5, atol=1e-6)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * a.abs().max().item())  # fp32 rounding only
+
+
+@pytest.mark.parametrize("kernel", ["per segment", "across segments", "missing"])
+def test_flash_by_segment_is_checked_once_before_use(monkeypatch, capsys, kernel):
+    """flash_by_segment_works() runs the kernel once on two short segments against sdpa on each alone, with
+    gradients even inside no_grad: a kernel that is missing or attends across segments is not used (the
+    layer keeps the mask), with a note; a right one is. The verdict is cached."""
+    def per_segment(q, k, v, starts, longest, scale):
+        bounds = starts.tolist()
+        return torch.cat([F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)),
+                                                         is_causal=True, scale=scale).transpose(0, 1)
+                          for a, b in zip(bounds, bounds[1:])])
+
+    def across(q, k, v, starts, longest, scale):
+        return F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v)), is_causal=True,
+                                              scale=scale).transpose(0, 1)
+
+    def missing(*args):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    calls = []
+    fn = {"per segment": per_segment, "across segments": across, "missing": missing}[kernel]
+    monkeypatch.setattr(fused_layer, "_segment_attention", lambda *a: calls.append(1) or fn(*a))
+    monkeypatch.setattr(fused_layer, "_flash_checked", {})
+    with torch.no_grad():
+        verdict = fused_layer.flash_by_segment_works("cpu", torch.float32, 16)
+    assert verdict is (kernel == "per segment")
+    note = capsys.readouterr().err
+    assert ("block-diagonal mask" in note) is (kernel != "per segment")
+    assert fused_layer.flash_by_segment_works("cpu", torch.float32, 16) is verdict and len(calls) == 1

@@ -264,6 +264,7 @@ def test_packed_rows_attend_by_segment_with_flash_attention(checkpointing):
                                                                                          435, 452]
     labels = batch.pop("labels")
     with torch.no_grad():
+        model(**batch)  # compiles, and runs flash_by_segment_works' one-time check (it calls sdpa) first
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             logits = model(**batch).logits
             torch.cuda.synchronize()

@@ -26,6 +26,7 @@ original layer would (no KV cache, sdpa or eager attention, one plain LoRA adapt
 this module can read); otherwise it calls the original layer's forward.
 """
 
+import sys
 import weakref
 
 import torch
@@ -248,11 +249,46 @@ def _segment_attention(q, k, v, starts, longest, scale):
                                                    scale=scale)[0]
 
 
+_flash_checked = {}
+
+
+def flash_by_segment_works(device, dtype, head_dim):
+    """Whether flash attention by segment runs here and computes what sdpa computes on each segment alone:
+    checked once per (device, dtype, head size) on two short segments, forward and backward, so that a GPU or
+    build where it fails keeps the mask path (with a note) instead of stopping the first training step."""
+    key = (str(device), dtype, head_dim)
+    if key not in _flash_checked:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(16, 2, head_dim, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+        starts = torch.tensor([0, 5, 16], dtype=torch.int32, device=device)
+        try:  # (the first packed batch may come in an evaluation pass, without gradients or under autocast)
+            with torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):
+                out = _segment_attention(q, k, v, starts, 11, head_dim ** -0.5)
+                grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+                ref = torch.cat([F.scaled_dot_product_attention(*(t[a:b].float().transpose(0, 1) for t in (q, k, v)),
+                                                                is_causal=True).transpose(0, 1)
+                                 for a, b in ((0, 5), (5, 16))])
+                ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+            tol = 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
+            same = torch.allclose(out.float(), ref, atol=tol, rtol=tol) and all(
+                torch.allclose(a.float(), b.float(), atol=tol * max(1.0, b.abs().max().item()), rtol=tol)
+                for a, b in zip(grads, ref_grads))
+            problem = None if same else "its result differs from sdpa's on each example alone"
+        except Exception as e:  # a build or GPU without this kernel
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if problem:
+            print(f"note: packed rows use the block-diagonal mask here, not flash attention by example ({problem})",
+                  file=sys.stderr, flush=True)
+        _flash_checked[key] = problem is None
+    return _flash_checked[key]
+
+
 def segments(hidden_states, kwargs, head_dim, scaling):
     """(cumulative segment lengths, longest segment) for flash attention by segment, from what packed_collate
     passes with a packed batch (cu_seq_lens_q / max_length_q, the names transformers' flash-attention path
-    reads), or None when flash attention does not apply here: not a CUDA GPU of compute capability >= 8.0, a
-    dtype other than bf16/fp16, a head size it lacks, a torch without it, or no such arguments. Then the 4-D
+    reads), or None when flash attention does not apply here: not an NVIDIA GPU of compute capability >= 8.0, a
+    dtype other than bf16/fp16, a head size it lacks, a torch without it, a failed one-time check
+    (flash_by_segment_works), or no such arguments. Then the 4-D
     block-diagonal mask transformers builds from the same position ids is used, with sdpa's kernels: exact too,
     but each row's attention then costs (row length)^2, not the sum of (segment length)^2."""
     starts, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
@@ -260,7 +296,8 @@ def segments(hidden_states, kwargs, head_dim, scaling):
         return None
     if not hidden_states.is_cuda or starts.device != hidden_states.device \
             or hidden_states.dtype not in (torch.bfloat16, torch.float16) or head_dim % 8 or head_dim > 256 \
-            or torch.cuda.get_device_capability(hidden_states.device) < (8, 0):
+            or torch.version.hip is not None or torch.cuda.get_device_capability(hidden_states.device) < (8, 0) \
+            or not flash_by_segment_works(hidden_states.device, hidden_states.dtype, head_dim):
         return None
     starts = starts.to(torch.int32)
     # the number of segments changes at every step: compiled for any number from the first, rather than for
