@@ -181,9 +181,12 @@ def emit(record):
 # Diagnostics for --profile (CUDA only): where a step waits, where the GPU idles, what is alive at the peak
 # ---------------------------------------------------------------------------------------------------------
 
+_NOT_MINE = ("/torch/", "/warnings.py", "common.py", "profiling.py")  # frames left out of `where` reports
+
+
 def _where(frames):
     from utils.profiling import where
-    return where(frames, skip=("/torch/", "/warnings.py", "common.py", "profiling.py"))
+    return where(frames, skip=_NOT_MINE)
 
 
 def host_waits(fn):
@@ -215,7 +218,7 @@ def memory_at_peak(fn, top=12):
     """Run fn() recording the CUDA caching allocator's history; the peak of allocated memory during it and the
     largest blocks alive at that moment, by the Python frames that allocated them (utils/profiling.py)."""
     from utils.profiling import PeakMemory
-    recorder = PeakMemory(skip=("/torch/", "/warnings.py", "common.py", "profiling.py")).start()
+    recorder = PeakMemory(skip=_NOT_MINE).start()
     try:
         fn()
     finally:

@@ -307,11 +307,8 @@ def test_attention_by_segment_lays_out_tokens_like_the_mask_path(gqa_folder, mon
     what the block-diagonal mask path computes, outputs and gradients. Flash attention itself needs a GPU
     (tests/test_speed_gpu.py); here a reference of it, sdpa on one segment at a time, stands in."""
     def by_segment(q, k, v, starts, longest, scale):
-        bounds = starts.tolist()
-        assert max(b - a for a, b in zip(bounds, bounds[1:])) == longest
-        out = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True,
-                                              scale=scale).transpose(0, 1) for a, b in zip(bounds, bounds[1:])]
-        return torch.cat(out)
+        assert starts.diff().max().item() == longest
+        return fused_layer.sdpa_by_segment(q, k, v, starts, scale)
 
     monkeypatch.setattr(fused_layer, "_segment_attention", by_segment)
     model = _load(gqa_folder, 16)
@@ -346,10 +343,7 @@ def test_flash_by_segment_is_checked_once_before_use(monkeypatch, capsys, kernel
     gradients even inside no_grad: a kernel that is missing or attends across segments is not used (the
     layer keeps the mask), with a note; a right one is. The verdict is cached."""
     def per_segment(q, k, v, starts, longest, scale):
-        bounds = starts.tolist()
-        return torch.cat([F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)),
-                                                         is_causal=True, scale=scale).transpose(0, 1)
-                          for a, b in zip(bounds, bounds[1:])])
+        return fused_layer.sdpa_by_segment(q, k, v, starts, scale)
 
     def across(q, k, v, starts, longest, scale):
         return F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v)), is_causal=True,

@@ -249,6 +249,23 @@ def _segment_attention(q, k, v, starts, longest, scale):
                                                    scale=scale)[0]
 
 
+def sdpa_by_segment(q, k, v, starts, scale):
+    """What _segment_attention computes, the plain way: sdpa on each segment alone (the one-time check's
+    reference, and the CPU tests' stand-in for flash attention)."""
+    bounds = starts.tolist()
+    return torch.cat([F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True,
+                                                     scale=scale).transpose(0, 1)
+                      for a, b in zip(bounds, bounds[1:])])
+
+
+def flash_by_segment_on(device):
+    """Whether flash attention by segment can run on `device`: this torch has it, and it is an NVIDIA GPU of
+    compute capability >= 8.0 (not ROCm)."""
+    device = torch.device(device)
+    return FLASH_BY_SEGMENT and device.type == "cuda" and torch.version.hip is None \
+        and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 _flash_checked = {}
 
 
@@ -265,9 +282,7 @@ def flash_by_segment_works(device, dtype, head_dim):
             with torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):
                 out = _segment_attention(q, k, v, starts, 11, head_dim ** -0.5)
                 grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
-                ref = torch.cat([F.scaled_dot_product_attention(*(t[a:b].float().transpose(0, 1) for t in (q, k, v)),
-                                                                is_causal=True).transpose(0, 1)
-                                 for a, b in ((0, 5), (5, 16))])
+                ref = sdpa_by_segment(q.float(), k.float(), v.float(), starts, head_dim ** -0.5)
                 ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
             tol = 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
             same = torch.allclose(out.float(), ref, atol=tol, rtol=tol) and all(
@@ -286,17 +301,15 @@ def flash_by_segment_works(device, dtype, head_dim):
 def segments(hidden_states, kwargs, head_dim, scaling):
     """(cumulative segment lengths, longest segment) for flash attention by segment, from what packed_collate
     passes with a packed batch (cu_seq_lens_q / max_length_q, the names transformers' flash-attention path
-    reads), or None when flash attention does not apply here: not an NVIDIA GPU of compute capability >= 8.0, a
-    dtype other than bf16/fp16, a head size it lacks, a torch without it, a failed one-time check
-    (flash_by_segment_works), or no such arguments. Then the 4-D
-    block-diagonal mask transformers builds from the same position ids is used, with sdpa's kernels: exact too,
-    but each row's attention then costs (row length)^2, not the sum of (segment length)^2."""
+    reads), or None when flash attention does not apply here (flash_by_segment_on), the dtype is not bf16/fp16,
+    the head size is one it lacks, its one-time check failed (flash_by_segment_works), or there are no such
+    arguments. Then the 4-D block-diagonal mask transformers builds from the same position ids is used, with
+    sdpa's kernels: exact too, but each row's attention then costs (row length)^2, not the sum of (segment
+    length)^2."""
     starts, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
-    if not FLASH_BY_SEGMENT or not isinstance(starts, torch.Tensor) or not isinstance(longest, int):
-        return None
-    if not hidden_states.is_cuda or starts.device != hidden_states.device \
+    if not isinstance(starts, torch.Tensor) or not isinstance(longest, int) \
+            or starts.device != hidden_states.device or not flash_by_segment_on(hidden_states.device) \
             or hidden_states.dtype not in (torch.bfloat16, torch.float16) or head_dim % 8 or head_dim > 256 \
-            or torch.version.hip is not None or torch.cuda.get_device_capability(hidden_states.device) < (8, 0) \
             or not flash_by_segment_works(hidden_states.device, hidden_states.dtype, head_dim):
         return None
     starts = starts.to(torch.int32)

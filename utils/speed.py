@@ -501,7 +501,7 @@ def packed_collate(row_tokens=None, logits_to_keep=None):
                "position_ids": torch.tensor(positions), "use_cache": False}
         if len(lengths) > len(rows):  # some row holds several segments: where they start, for attention by segment
             starts = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-            out.update(cu_seq_lens_q=starts, cu_seq_lens_k=starts.clone(), max_length_q=max(lengths),
+            out.update(cu_seq_lens_q=starts, cu_seq_lens_k=starts, max_length_q=max(lengths),
                        max_length_k=max(lengths))
         if logits_to_keep:
             out["logits_to_keep"] = logits_to_keep
@@ -584,9 +584,9 @@ class TrainingSpeedups:
                     f"{'packed micro-batches (no padding)' if self.packing else 'padded micro-batches'}"
                     f"{', checkpointed layer inputs parked in CPU memory' if self.park_inputs else ''}; the fused "
                     "layers are off (FSDP wraps the decoder layers by class and flattens their weights)")
-        from utils.fused_layer import FLASH_BY_SEGMENT
-        by_example = ", flash attention within each example" if self.layers and FLASH_BY_SEGMENT \
-            and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0) else ""
+        from utils.fused_layer import flash_by_segment_on
+        by_example = ", flash attention within each example" if self.layers and torch.cuda.is_available() \
+            and flash_by_segment_on(torch.cuda.current_device()) else ""
         return (f"speed-ups: fused LoRA forward in {self.fused_lora} layers, fused RMSNorm x{self.norms} and "
                 f"SwiGLU x{self.mlps} ({kernels}), {layers}, {self.loss_note}, "
                 f"{f'packed micro-batches (no padding{by_example})' if self.packing else 'padded micro-batches'}"
