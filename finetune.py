@@ -231,6 +231,8 @@ def main(args):
     speedups = speed.TrainingSpeedups(model) if fast else \
         speed.TrainingSpeedups(model, fsdp=True) if fsdp_speedups else None
     log(speedups.describe() if speedups else "speed-ups: off (--no-speedups, an fp16 GPU, or ZeRO-3)")
+    if speedups and speedups.fsdp_wrap:  # read by peft's FSDP wrap policy when the Trainer wraps the model
+        os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] = ",".join(speedups.fsdp_wrap)
 
     # ---- train ----
     dtype = compute_dtype()

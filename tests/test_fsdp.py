@@ -118,8 +118,9 @@ def test_fsdp_checkpoints_hold_the_adapter_match_one_process_and_resume(tiny_lla
 
 
 def test_fsdp_with_speedups_trains_like_one_process(tiny_llama_dir, tmp_path, free_port):
-    """The speed-ups that apply under FSDP (packed micro-batches, the chunked loss tied to the outputs so FSDP's
-    backward completes) give one process's training with its full speed-ups at the same global batch."""
+    """The speed-ups that apply under FSDP (packed micro-batches, the chunked loss computed in the output layer's
+    own unit and tied to the outputs so FSDP's backward completes) give one process's training with its full
+    speed-ups at the same global batch."""
     data = eight_records(tmp_path)
     common = ["--base_model", tiny_llama_dir, "--data_path", str(data), "--max_steps", "3", "--save_steps", "100",
               "--cutoff_len", "128", "--lora_dropout", "0", "--learning_rate", "5e-3", "--warmup_ratio", "0",
@@ -134,6 +135,12 @@ def test_fsdp_with_speedups_trains_like_one_process(tiny_llama_dir, tmp_path, fr
                os.path.join(ROOT, "tests", "fsdp_on_cpu.py"), *common, "--output_dir", str(out),
                "--gradient_accumulation_steps", "1"])
     assert log.count("speed-ups under FSDP: chunked cross entropy on labelled positions, packed micro-batches") == 1
+    # the input and output layers are units of their own (not held whole in the root unit all step long), and
+    # the loss is computed inside the output layer's unit; the adapter below shows it trains as one process does
+    assert "the input and output layers in FSDP units of their own" in log
+    units = next(line for line in log.splitlines() if line.startswith("FSDP: ") and " units; " in line)
+    print(units)
+    assert units.endswith("embed_tokens in its own unit, lm_head in its own unit")
     final, reference = adapter(out / "checkpoint-final"), adapter(one / "checkpoint-final")
     assert len(final) == len(reference) == 28
     gap = max((final[k] - reference[k]).abs().max().item() for k in reference)
@@ -143,3 +150,37 @@ def test_fsdp_with_speedups_trains_like_one_process(tiny_llama_dir, tmp_path, fr
     fsdp_losses = json.loads((out / "training_summary.json").read_text())["loss_history"]
     assert len(fsdp_losses) == 3
     assert [loss for _, loss in fsdp_losses] == pytest.approx([loss for _, loss in one_losses], rel=1e-4)
+
+
+def test_own_units_for_the_input_and_output_layers_and_the_adapter_gathers_them(tmp_path, monkeypatch):
+    """In one process (gloo, world of 1, real FSDP1 on the CPU): with the speed-ups' wrap classes, peft's policy
+    gives the input embedding and the output layer units of their own, and where peft saves them (a resized
+    vocabulary) the adapter gathered for a checkpoint holds them, with their values."""
+    import torch.distributed as dist
+    from peft import get_peft_model
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from utils import fsdp, speed
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+        model = get_peft_model(speed.prepare_model(base), speed.lora_config(
+            16, fused=False, r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+        assert speed.ends_as_fsdp_units(model)
+        monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", ",".join(speed.fsdp_wrap_classes(model, {})))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        root = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), device_id=torch.device("cpu"))
+        # 2 layers + 28 LoRA matrices + the two ends + the root
+        assert fsdp.describe_units(root) == "FSDP: 33 units; embed_tokens in its own unit, lm_head in its own unit"
+        monkeypatch.setattr(fsdp, "_vocab_resized", lambda peft_model: True)
+        tensors = fsdp.gather_adapter(root, model)
+        ends = ["base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"]
+        assert len(tensors) == 30 and all(name in tensors for name in ends)
+        for name, tensor in tensors.items():
+            assert torch.equal(tensor, before[name]), name
+    finally:
+        dist.destroy_process_group()

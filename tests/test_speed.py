@@ -164,6 +164,58 @@ def test_chunked_loss_equals_transformers_loss(tiny_folder):
     assert abs(halved.item() - ref.item() / 2) < 1e-5
 
 
+def test_loss_in_the_output_layer_equals_the_loss_after_the_model(tiny_folder):
+    """FusedCausalLMLoss(in_output_layer=True), as under FSDP with the output layer a unit of its own: the loss
+    is computed while the output layer runs, from the labels given before the forward pass, and needs the
+    layer's weight no more after that (FSDP frees it: here it is zeroed)."""
+    model = _load(tiny_folder, 16, fused=False)
+    batch = pad_collate(_Pad())(_examples())
+    labels = batch.pop("labels")
+    after = speed.FusedCausalLMLoss(model, chunk_tokens=7)
+    ref = after(model(**batch, logits_to_keep=1), labels)
+    ref.backward()
+    ref_grads = _grads(model)
+    model.zero_grad()
+    after.remove()
+    assert speed.ends_as_fsdp_units(model)
+    inside = speed.FusedCausalLMLoss(model, chunk_tokens=7, in_output_layer=True)
+    inside.expect(labels, None)
+    outputs = model(**batch, logits_to_keep=1)
+    with torch.no_grad():
+        speed.causal_lm(model).get_output_embeddings().weight.zero_()
+    loss = inside(outputs, labels)
+    loss.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5
+    _close(_grads(model), ref_grads, 1e-4)
+    model(**batch, logits_to_keep=1)  # no labels announced: no loss, and a clear error rather than a stale one
+    with pytest.raises(RuntimeError, match="expect"):
+        inside(outputs, labels)
+
+
+def test_input_and_output_layers_become_fsdp_units_of_their_own_unless_tied(tiny_folder, monkeypatch):
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model = _load(tiny_folder, 16, fused=False)
+    assert speed.ends_as_fsdp_units(model)
+    lm = speed.causal_lm(model)
+    assert type(lm.get_input_embeddings()) is speed.InputEmbedding
+    assert type(lm.get_output_embeddings()) is speed.OutputLayer
+    assert speed.fsdp_wrap_classes(model, {}) == ["LlamaDecoderLayer", "InputEmbedding", "OutputLayer"]
+    given = {"FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer,LlamaMLP"}  # a user's choice is kept
+    assert speed.fsdp_wrap_classes(model, given) == ["LlamaDecoderLayer", "LlamaMLP", "InputEmbedding", "OutputLayer"]
+    # peft's wrap policy (what the Trainer hands to accelerate) reads the names and wraps those modules
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", ",".join(speed.fsdp_wrap_classes(model, {})))
+    policy = fsdp_auto_wrap_policy(model)
+    wrapped = {name.removeprefix("base_model.model.") for name, m in model.named_modules()
+               if policy(module=m, recurse=False, nonwrapped_numel=0) and "lora_" not in name}
+    assert wrapped == {"model.embed_tokens", "lm_head", "model.layers.0", "model.layers.1"}
+
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    assert not speed.ends_as_fsdp_units(tied)  # one weight: it must stay in one unit
+    assert type(tied.get_input_embeddings()) is torch.nn.Embedding and type(tied.lm_head) is torch.nn.Linear
+
+
 def test_linear_cross_entropy_masks_ignored_rows_without_selecting_them():
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, 9, 16, generator=g, requires_grad=True)

@@ -43,15 +43,31 @@ def _own_params(unit):
 
 def _units(model, embeddings=False):
     """(clean module path, FSDP unit) of every unit holding trainable parameters (and, with `embeddings`, of
-    the units holding the embedding layers), in module order: the same on every process."""
+    the units holding the embedding layers: the root's, or their own), in module order: the same on every
+    process."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     units = [(name, module) for name, module in model.named_modules() if isinstance(module, FSDP)]
     wanted = {name for name, unit in units if any(p.requires_grad for _, p in _own_params(unit))}
     if embeddings:
         for name, _ in model.named_modules():
             if name.rsplit(".", 1)[-1] in EMBEDDINGS:  # owned by the innermost unit enclosing it
-                wanted.add(max((u for u, _ in units if not u or name.startswith(u + ".")), key=len))
+                wanted.add(max((u for u, _ in units if not u or u == name or name.startswith(u + ".")), key=len))
     return [(_clean(name), unit) for name, unit in units if name in wanted]
+
+
+def describe_units(model):
+    """One line on how FSDP split `model` (the root): the number of units, and which unit holds the input
+    embedding and the output layer ('own unit' or 'root unit')."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    units = [name for name, module in model.named_modules() if isinstance(module, FSDP)]
+    where = {}
+    for name, _ in model.named_modules():
+        end = name.rsplit(".", 1)[-1]
+        if end in EMBEDDINGS and end not in where:
+            where[end] = "own unit" if name in units else "root unit" if max(
+                (u for u in units if not u or name.startswith(u + ".")), key=len) == "" else "a block's unit"
+    return f"FSDP: {len(units)} units; " + ", ".join(f"{end} in its {w}" if w == "own unit" else f"{end} in the {w}"
+                                                     for end, w in where.items())
 
 
 def _wanted(name, param, embeddings):

@@ -426,29 +426,93 @@ class _TieToOutputs(torch.autograd.Function):
 class FusedCausalLMLoss:
     """A `compute_loss_func` for the HF Trainer (and the benchmark's loop): loss(outputs, labels,
     num_items_in_batch). It reads the last hidden states from a forward hook on the final norm, so the
-    model's own head needs to run on one position only: pass `logits_to_keep=1` (packed_collate does)."""
+    model's own head needs to run on one position only: pass `logits_to_keep=1` (packed_collate does).
 
-    def __init__(self, model, chunk_tokens=None, tie_to_outputs=False):
+    in_output_layer=True (FSDP, the output layer a unit of its own: see ends_as_fsdp_units): the output layer's
+    weight is whole only while that layer runs, so the loss is computed there, by a forward hook, from the labels
+    given to `expect` before the forward pass (utils.training.Trainer does). The backward pass needs no weight:
+    _LinearCrossEntropy has the hidden states' gradient ready from the forward pass."""
+
+    def __init__(self, model, chunk_tokens=None, tie_to_outputs=False, in_output_layer=False):
         lm = causal_lm(model)
         self.head, self.chunk_tokens, self.hidden = lm.get_output_embeddings(), chunk_tokens, None
         self.tie_to_outputs = tie_to_outputs  # FSDP: see _TieToOutputs
-        self._hook = lm.get_decoder().norm.register_forward_hook(self._keep)
+        self.in_output_layer, self._expected, self._loss = in_output_layer, None, None
+        self._hooks = [lm.get_decoder().norm.register_forward_hook(self._keep)]
+        if in_output_layer:
+            self._hooks.append(self.head.register_forward_hook(self._loss_in_output_layer))
 
     def _keep(self, module, args, output):
         self.hidden = output
 
-    def __call__(self, outputs, labels, num_items_in_batch=None):
+    def expect(self, labels, num_items_in_batch=None):
+        """The labels (and the Trainer's token count) of the next forward pass; kept with in_output_layer only."""
+        if self.in_output_layer:
+            self._expected = (labels, num_items_in_batch)
+
+    def _loss_in_output_layer(self, module, args, output):
+        if self._expected is None:  # a forward pass without labels (generation, a check): no loss
+            return
+        (labels, num_items), self._expected = self._expected, None
+        self._loss = self._compute(module.weight, labels, num_items)
+
+    def _compute(self, weight, labels, num_items_in_batch):
         hidden, self.hidden = self.hidden, None
         if hidden is None:
             raise RuntimeError("FusedCausalLMLoss: the model's final norm did not run before the loss")
-        loss = linear_cross_entropy(hidden, self.head.weight, labels, num_items_in_batch, self.chunk_tokens)
+        return linear_cross_entropy(hidden, weight, labels, num_items_in_batch, self.chunk_tokens)
+
+    def __call__(self, outputs, labels, num_items_in_batch=None):
+        if self.in_output_layer:
+            loss, self._loss = self._loss, None
+            if loss is None:
+                raise RuntimeError("FusedCausalLMLoss: no loss from the output layer (expect() was not called "
+                                   "with the labels before the forward pass)")
+        else:
+            loss = self._compute(self.head.weight, labels, num_items_in_batch)
         logits = getattr(outputs, "logits", None)
         if self.tie_to_outputs and torch.is_tensor(logits) and logits.requires_grad:
             loss = _TieToOutputs.apply(loss, logits)
         return loss
 
     def remove(self):
-        self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
+
+
+class InputEmbedding(nn.Embedding):
+    """The model's input embedding, marked as an FSDP unit of its own (ends_as_fsdp_units)."""
+
+
+class OutputLayer(nn.Linear):
+    """The model's output layer, marked as an FSDP unit of its own (ends_as_fsdp_units)."""
+
+
+def ends_as_fsdp_units(model):
+    """Under FSDP1 the root unit holds whatever no wrapped block claims: for LLaMA the input embedding and the
+    output layer (2 x 250 MiB at the 7B shape). FSDP gathers the root whole at the start of each step and frees
+    it only after the backward pass, so both stayed whole on every GPU all step long (the largest block alive at
+    the FSDP peak on 2 H200s). Here they get classes of their own, which the wrap policy can name
+    (fsdp_wrap_classes): each becomes a unit, whole only while it runs. Returns True if done; False leaves the
+    model as it is, where the two share one weight (tied embeddings: one unit must hold it) or are not the
+    plain layers."""
+    lm = causal_lm(model)
+    embed, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+    if type(embed) is not nn.Embedding or type(head) is not nn.Linear or head.weight is embed.weight:
+        return False
+    embed.__class__, head.__class__ = InputEmbedding, OutputLayer
+    return True
+
+
+def fsdp_wrap_classes(model, environ=os.environ):
+    """The class names for peft's FSDP wrap policy (it reads FSDP_TRANSFORMER_CLS_TO_WRAP, which transformers
+    hands to accelerate): those already set there, else the model's own blocks (its _no_split_modules, as peft
+    defaults to), plus InputEmbedding / OutputLayer where the model has them."""
+    given = [c for c in environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if c]
+    present = {type(m).__name__ for m in model.modules()}
+    blocks = given or sorted({c for m in model.modules() for c in (getattr(m, "_no_split_modules", None) or [])
+                              if c in present})
+    return blocks + [c for c in (InputEmbedding.__name__, OutputLayer.__name__) if c in present and c not in blocks]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -548,7 +612,12 @@ class TrainingSpeedups:
         self.layers = 0 if fsdp else fuse_decoder_layers(model, park_inputs=park_inputs)
         self.park_inputs = park_inputs and torch.cuda.is_available()
         problem = fused_loss_problem(model)
-        self.loss_func = FusedCausalLMLoss(model, tie_to_outputs=fsdp) if problem is None else None
+        # under FSDP, with the chunked loss, the input and output layers become units of their own (the loss is
+        # then computed inside the output layer's unit); finetune.py hands fsdp_wrap to peft's wrap policy
+        self.own_end_units = fsdp and problem is None and ends_as_fsdp_units(model)
+        self.fsdp_wrap = fsdp_wrap_classes(model) if self.own_end_units else None
+        self.loss_func = FusedCausalLMLoss(model, tie_to_outputs=fsdp, in_output_layer=self.own_end_units) \
+            if problem is None else None
         self.loss_note = "chunked cross entropy on labelled positions" if problem is None \
             else f"plain loss ({problem})"
         self.packing = packing
@@ -582,7 +651,9 @@ class TrainingSpeedups:
         if self.fsdp:
             return (f"speed-ups under FSDP: {self.loss_note}, "
                     f"{'packed micro-batches (no padding)' if self.packing else 'padded micro-batches'}"
-                    f"{', checkpointed layer inputs parked in CPU memory' if self.park_inputs else ''}; the fused "
+                    f"{', checkpointed layer inputs parked in CPU memory' if self.park_inputs else ''}"
+                    f"{', the input and output layers in FSDP units of their own' if self.own_end_units else ''}"
+                    "; the fused "
                     "layers are off (FSDP wraps the decoder layers by class and flattens their weights)")
         from utils.fused_layer import flash_by_segment_on
         by_example = ", flash attention within each example" if self.layers and torch.cuda.is_available() \

@@ -68,12 +68,22 @@ class Trainer(transformers.Trainer):
                 callback.tokens_seen = self.tokens_seen
 
     def training_step(self, model, inputs, *args, **kwargs):
+        if not getattr(self, "_units_told", False):
+            self._units_told = True
+            models = self._fsdp_models()
+            if models is not None and self.is_world_process_zero():
+                from utils import fsdp
+                print(fsdp.describe_units(models[0]), flush=True)
         if self.count_tokens:
             mask = inputs.get("attention_mask") if self.count_tokens == "non_padding" else None
             self._uncounted = self._uncounted + (mask.sum() if mask is not None else inputs["input_ids"].numel())
         return super().training_step(model, inputs, *args, **kwargs)
 
     def compute_loss(self, model, inputs, *args, **kwargs):
+        expect = getattr(self.compute_loss_func, "expect", None)
+        if expect is not None:  # a loss computed during the forward pass (FusedCausalLMLoss(in_output_layer=True))
+            num_items = kwargs.get("num_items_in_batch", args[1] if len(args) > 1 else None)
+            expect(inputs.get("labels"), num_items)
         if self.saved_tensors is None:
             return super().compute_loss(model, inputs, *args, **kwargs)
         with self.saved_tensors():
