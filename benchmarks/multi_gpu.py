@@ -23,6 +23,7 @@ import glob
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -170,6 +171,8 @@ def main():
             extra = ["--save_steps", str(max(1, args.steps // 2))]
         if args.profile_steps:
             extra = [*extra, "--profile_steps", args.profile_steps]
+        if name in only:  # a fresh folder: finetune.py refuses to start over in one with checkpoints
+            shutil.rmtree(os.path.join(args.out, name), ignore_errors=True)
         if name in only and (name.startswith("single") or gpus >= 2) and run(name, [
                 *launcher, *train, "--output_dir", os.path.join(args.out, name),
                 "--gradient_accumulation_steps", str(accumulation), *extra], log_dir):

@@ -118,9 +118,9 @@ def test_fsdp_checkpoints_hold_the_adapter_match_one_process_and_resume(tiny_lla
 
 
 def test_fsdp_with_speedups_trains_like_one_process(tiny_llama_dir, tmp_path, free_port):
-    """The speed-ups that apply under FSDP (packed micro-batches, the chunked loss computed in the output layer's
-    own unit and tied to the outputs so FSDP's backward completes) give one process's training with its full
-    speed-ups at the same global batch."""
+    """The speed-ups that apply under FSDP (packed micro-batches, the fused norm and SwiGLU modules inside the
+    flattened units, the chunked loss computed in the output layer's own unit and tied to the outputs so FSDP's
+    backward completes) give one process's training with its full speed-ups at the same global batch."""
     data = eight_records(tmp_path)
     common = ["--base_model", tiny_llama_dir, "--data_path", str(data), "--max_steps", "3", "--save_steps", "100",
               "--cutoff_len", "128", "--lora_dropout", "0", "--learning_rate", "5e-3", "--warmup_ratio", "0",
@@ -134,7 +134,8 @@ def test_fsdp_with_speedups_trains_like_one_process(tiny_llama_dir, tmp_path, fr
     log = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", cpu_config(tmp_path, free_port()),
                os.path.join(ROOT, "tests", "fsdp_on_cpu.py"), *common, "--output_dir", str(out),
                "--gradient_accumulation_steps", "1"])
-    assert log.count("speed-ups under FSDP: chunked cross entropy on labelled positions, packed micro-batches") == 1
+    assert log.count("speed-ups under FSDP: fused RMSNorm x5 and SwiGLU x2 (eager (no CUDA compile here)), "
+                     "chunked cross entropy on labelled positions, packed micro-batches") == 1
     # the input and output layers are units of their own (not held whole in the root unit all step long), and
     # the loss is computed inside the output layer's unit; the adapter below shows it trains as one process does
     assert "the input and output layers in FSDP units of their own" in log

@@ -182,3 +182,39 @@ def test_fsdp_moves_a_cpu_loaded_4bit_model_to_the_gpu_one_unit_at_a_time(small_
     print("losses, GPU-loaded vs CPU-loaded under FSDP:", ref, mine)
     assert abs(mine[0] - ref[0]) < 2e-3 * abs(ref[0])
     assert abs(mine[1] - ref[1]) < 0.1 * abs(ref[1] - ref[0])  # the same update: the second loss moved alike
+
+
+def test_fsdp_launch_with_speedups_on_one_gpu(small_llama, tmp_path, free_port):
+    """finetune.py under `accelerate launch` with configs/accelerate_fsdp_qlora.yaml (one process: a world of one
+    on this GPU) with its speed-ups: the fused RMSNorm / SwiGLU modules compiled inside FSDP's flattened units,
+    the input and output layers in units of their own, the loss computed in the output layer's unit. It trains
+    as `python finetune.py` (the fused decoder layers) does: the same losses within bf16 noise, no compile
+    fallback and no recompilation past the limit. benchmarks/multi_gpu.py measures 2 GPUs."""
+    model_dir, facts = small_llama
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(json.loads(facts.read_text()) * 8))
+    common = ["--base_model", str(model_dir), "--data_path", str(data), "--max_steps", "6", "--learning_rate", "1e-3",
+              "--per_device_train_batch_size", "4", "--lora_dropout", "0", "--logging_steps", "1",
+              "--save_steps", "100", "--warmup_ratio", "0", "--report_to", "none"]
+    single = run("finetune.py", *common, "--output_dir", str(tmp_path / "single"))
+    assert "speed-ups: fused LoRA forward" in single
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(ROOT, "configs", "accelerate_fsdp_qlora.yaml"), "--num_processes", "1",
+           "--main_process_port", str(free_port()), os.path.join(ROOT, "finetune.py"), *common,
+           "--output_dir", str(tmp_path / "fsdp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900,
+                          env=dict(os.environ, TORCH_LOGS="recompiles"))
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    print("\n".join(line for line in log.splitlines() if "speed-ups" in line or line.startswith("FSDP:")))
+    assert "speed-ups under FSDP: fused RMSNorm x9 and SwiGLU x4 (compiled)" in log
+    assert "the input and output layers in FSDP units of their own" in log
+    # 4 layers, 56 LoRA matrices, the two ends, the root
+    assert "FSDP: 63 units; embed_tokens in its own unit, lm_head in its own unit" in log
+    assert "torch.compile of" not in log and "cache_size_limit" not in log and "recompile_limit" not in log
+    ours = [loss for _, loss in json.loads((tmp_path / "fsdp" / "training_summary.json").read_text())["loss_history"]]
+    ref = [loss for _, loss in json.loads((tmp_path / "single" / "training_summary.json").read_text())["loss_history"]]
+    print("losses, one GPU (fused layers) vs FSDP (world of one):", ref, ours)
+    assert len(ours) == len(ref) == 6
+    assert ours == pytest.approx(ref, rel=2e-2)
+    assert ours[-1] < ours[0]

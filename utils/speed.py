@@ -602,13 +602,15 @@ class TrainingSpeedups:
     """What `enable` switched on, with the collator and Trainer loss function that go with it."""
 
     def __init__(self, model, packing=True, park_inputs=True, fsdp=False):
-        """fsdp=True: the part that works with FSDP1 sharding (packing, the chunked loss, checkpointed layer
-        inputs parked in CPU memory through saved-tensor hooks); the module fusions are left out, since FSDP
-        wraps the decoder layers by class and flattens their weights."""
+        """fsdp=True: the part that works with FSDP1 sharding: packing, the fused RMSNorm and SwiGLU modules (they
+        keep their weights as module parameters, which FSDP flattens and hands back as views while a unit runs),
+        the chunked loss (in the output layer's own unit where possible), checkpointed layer inputs parked in CPU
+        memory through saved-tensor hooks. The fused decoder layers and LoRA projections are left out: they
+        read the base weights and the adapters directly rather than through the modules FSDP wraps."""
         from utils.fused_layer import fuse_decoder_layers
         causal_lm(model).config.use_cache = False  # training never reads a KV cache; the fused layers need none
         self.fsdp = fsdp
-        self.norms, self.mlps = (0, 0) if fsdp else fuse_modules(model)
+        self.norms, self.mlps = fuse_modules(model)
         self.layers = 0 if fsdp else fuse_decoder_layers(model, park_inputs=park_inputs)
         self.park_inputs = park_inputs and torch.cuda.is_available()
         problem = fused_loss_problem(model)
@@ -649,12 +651,13 @@ class TrainingSpeedups:
         layers = f"{self.layers} decoder layers as one fused function each ({kernels}"
         layers += ", checkpointed inputs parked in CPU memory)" if self.park_inputs else ")"
         if self.fsdp:
-            return (f"speed-ups under FSDP: {self.loss_note}, "
+            return (f"speed-ups under FSDP: fused RMSNorm x{self.norms} and SwiGLU x{self.mlps} ({kernels}), "
+                    f"{self.loss_note}, "
                     f"{'packed micro-batches (no padding)' if self.packing else 'padded micro-batches'}"
                     f"{', checkpointed layer inputs parked in CPU memory' if self.park_inputs else ''}"
                     f"{', the input and output layers in FSDP units of their own' if self.own_end_units else ''}"
-                    "; the fused "
-                    "layers are off (FSDP wraps the decoder layers by class and flattens their weights)")
+                    "; the fused decoder layers and LoRA projections are off (they read weights that FSDP "
+                    "flattens and shards)")
         from utils.fused_layer import flash_by_segment_on
         by_example = ", flash attention within each example" if self.layers and torch.cuda.is_available() \
             and flash_by_segment_on(torch.cuda.current_device()) else ""
