@@ -50,24 +50,30 @@ def _units(model, embeddings=False):
     wanted = {name for name, unit in units if any(p.requires_grad for _, p in _own_params(unit))}
     if embeddings:
         for name, _ in model.named_modules():
-            if name.rsplit(".", 1)[-1] in EMBEDDINGS:  # owned by the innermost unit enclosing it
-                wanted.add(max((u for u, _ in units if not u or u == name or name.startswith(u + ".")), key=len))
+            if name.rsplit(".", 1)[-1] in EMBEDDINGS:
+                wanted.add(_owner([u for u, _ in units], name))
     return [(_clean(name), unit) for name, unit in units if name in wanted]
+
+
+def _owner(unit_names, name):
+    """The FSDP unit (its module path; "" is the root) whose parameters include those of module `name`: the
+    module itself if it is a unit, else the innermost unit enclosing it."""
+    return max((u for u in unit_names if not u or u == name or name.startswith(u + ".")), key=len)
 
 
 def describe_units(model):
     """One line on how FSDP split `model` (the root): the number of units, and which unit holds the input
-    embedding and the output layer ('own unit' or 'root unit')."""
+    embedding and the output layer (its own, or the root)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     units = [name for name, module in model.named_modules() if isinstance(module, FSDP)]
-    where = {}
-    for name, _ in model.named_modules():
-        end = name.rsplit(".", 1)[-1]
-        if end in EMBEDDINGS and end not in where:
-            where[end] = "own unit" if name in units else "root unit" if max(
-                (u for u in units if not u or name.startswith(u + ".")), key=len) == "" else "a block's unit"
-    return f"FSDP: {len(units)} units; " + ", ".join(f"{end} in its {w}" if w == "own unit" else f"{end} in the {w}"
-                                                     for end, w in where.items())
+    parts = []
+    for end in EMBEDDINGS:
+        name = next((n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] == end), None)
+        if name is not None:
+            owner = _owner(units, name)
+            parts.append(f"{end} in its own unit" if owner == name else f"{end} in the root unit" if not owner
+                         else f"{end} in the unit {_clean(owner)}")
+    return f"FSDP: {len(units)} units; " + ", ".join(parts)
 
 
 def _wanted(name, param, embeddings):

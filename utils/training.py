@@ -63,12 +63,13 @@ class Trainer(transformers.Trainer):
         # processes only where it is read: each log, each checkpoint, the end of the first step.
         self.count_tokens = count_tokens  # "all", "non_padding" or None
         self._uncounted = 0
+        self._units_told = False
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, Throughput):
                 callback.tokens_seen = self.tokens_seen
 
     def training_step(self, model, inputs, *args, **kwargs):
-        if not getattr(self, "_units_told", False):
+        if not self._units_told:  # once, the first step (the Trainer wraps the model in FSDP just before)
             self._units_told = True
             models = self._fsdp_models()
             if models is not None and self.is_world_process_zero():
