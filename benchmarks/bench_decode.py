@@ -158,6 +158,10 @@ def main(args):
         emit(dict(path="stream", **turn))
         history.append((message, "".join(reply).strip()))
     results["stream"] = turns
+    engine = getattr(model, "_static_decoder", None)
+    results["decoder"] = {"cuda_graphs": getattr(engine, "use_graphs", None),
+                          "triton_attention": getattr(engine, "kernels", None)}
+    emit(dict(path="decoder", **results["decoder"]))
     later = turns[1:] or turns
     results["stream_summary"] = {"median_tokens_per_s_turn2+": statistics.median(t["tokens_per_s"] for t in later),
                                  "median_ttft_s_turn2+": statistics.median(t["ttft_s"] for t in later),

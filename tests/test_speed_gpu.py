@@ -26,12 +26,14 @@ def _decode(engine, ids, n):
         engine.release()
 
 
+@pytest.mark.parametrize("kernels", ["1", "0"], ids=["triton_attention", "torch_attention"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_decoder_agrees_with_generate(dtype):
+def test_cuda_graph_decoder_agrees_with_generate(dtype, kernels, monkeypatch):
     from transformers import LlamaForCausalLM
 
     from utils import speed
     from utils.decoder import fast_decoder
+    monkeypatch.setenv("LLAMA_QLORA_DECODE_KERNELS", kernels)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM._from_config(_config(ctx=2048), dtype=dtype).eval()
@@ -39,6 +41,7 @@ def test_cuda_graph_decoder_agrees_with_generate(dtype):
         model.lm_head.weight[2] = 0
     engine = fast_decoder(model)
     assert engine.use_graphs and len(engine.fused) == 2 * 3  # q/k/v and gate/up of each layer in one GEMV
+    assert engine.kernels == (kernels == "1")
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(3, 512, (200,), generator=g).tolist()  # the reply crosses the 256-slot bucket
     for turn in range(4):
@@ -59,6 +62,39 @@ def test_cuda_graph_decoder_agrees_with_generate(dtype):
         prompt = prompt + ours + torch.randint(3, 512, (30,), generator=g).tolist()
     assert set(engine.graphs) == {256, 512, 1024, 1536} and all(engine.graphs.values())
     assert speed.rms_norm.ok and speed.rope.ok  # compiled, not the eager fallback
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 32, 128), (8, 2, 64)])
+def test_decode_attention_kernels_match_torch_ops(dtype, heads, kv_heads, head_dim):
+    """RoPE, the cache write and attention over slots 0..pos, against torch ops in fp32; the slots beyond the
+    position hold NaN, so a kernel that read one would turn the output into NaN."""
+    from utils import decode_attention as da
+    assert da.works("cuda", dtype, head_dim, heads, kv_heads)
+    g = torch.Generator().manual_seed(0)
+    capacity = 4096
+    for position, span in ((0, 256), (63, 256), (64, 256), (65, 512), (1000, 1024), (2999, 3072), (4095, 4096)):
+        cache = [torch.randn(1, kv_heads, capacity, head_dim, generator=g).to("cuda", dtype) for _ in range(2)]
+        for c in cache:
+            c[:, :, position + 1:] = float("nan")
+        copies = [c.clone() for c in cache]
+        q = torch.randn(1, 1, heads * head_dim, generator=g).to("cuda", dtype)
+        qkv = torch.randn(1, 1, (heads + 2 * kv_heads) * head_dim, generator=g).to("cuda", dtype)
+        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)  # views
+        angle = torch.rand(head_dim // 2, generator=g) * position
+        cos, sin = (f(torch.cat((angle, angle))).view(1, 1, -1).to("cuda", dtype) for f in (torch.cos, torch.sin))
+        pos = torch.tensor([position], device="cuda")
+        ours = da.attend(q, k, v, cos, sin, pos, cache[0], cache[1], span, head_dim ** -0.5)
+        ref = da.reference(q, k, v, cos, sin, pos, copies[0], copies[1], head_dim ** -0.5)
+        assert ours.shape == (1, 1, heads * head_dim) and ours.dtype == dtype
+        gap = (ours.float() - ref.float()).abs().max().item()
+        print(dtype, heads, kv_heads, position, span, "largest difference", gap)
+        assert gap < (2e-5 if dtype == torch.float32 else 1.6e-2), (position, gap)
+        assert torch.equal(cache[1][:, :, :position + 1], copies[1][:, :, :position + 1])  # values, as given
+        assert torch.equal(cache[0][:, :, :position], copies[0][:, :, :position])  # earlier keys untouched
+        key_gap = (cache[0][:, :, position].float() - copies[0][:, :, position].float()).abs().max().item()
+        assert key_gap <= (1e-5 if dtype == torch.float32 else 1.6e-2)
+        assert cache[0][:, :, position + 1:].isnan().all()  # nothing written beyond the position
 
 
 def test_fused_qlora_step_matches_plain_recipe_on_gpu(tmp_path):

@@ -4,7 +4,9 @@ transformers' `generate` spends most of a 7B model's decode step launching ~1,50
 growing its cache. Here the cache is allocated once per model (and kept across turns: a new prompt that starts
 with the previous conversation only prefills its new tokens), and on a CUDA GPU each single-token step is a
 CUDA graph: captured once per attention-length bucket (256, 512, 1024, 1536, ... tokens), then replayed, so a new prompt
-length never recaptures or recompiles. RMSNorm, RoPE and SiLU * up run as fused kernels there (utils/speed.py).
+length never recaptures or recompiles. RMSNorm, RoPE and SiLU * up run as fused kernels there (utils/speed.py),
+and each layer's RoPE, cache write and attention as three Triton kernels that read only the cache slots in use
+(utils/decode_attention.py; `LLAMA_QLORA_DECODE_KERNELS=0` keeps torch ops for them).
 The step for token t+1 is queued on the GPU before token t is turned into text, so detokenizing overlaps it.
 
 On the CPU the same code runs eagerly with exact-length attention, computing what `generate` computes (the tests
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from utils import speed
+from utils import decode_attention, speed
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")  # decoder layers of exactly the shape _forward computes
 BUCKET_MIN = 256  # shortest attention span a CUDA graph is captured for
@@ -109,6 +111,9 @@ class StaticDecoder:
         self.cached = []  # token ids whose keys and values are in the cache, at positions 0..len-1
         self.graphs, self.pool = {}, None
         self.fused = self._fuse_projections() if self.use_graphs else {}
+        self.kernels = self.use_graphs and os.environ.get("LLAMA_QLORA_DECODE_KERNELS", "1") != "0" \
+            and decode_attention.works(self.device, self.dtype, self.head_dim, config.num_attention_heads,
+                                       self.kv_heads)
         self.last_stats = {}
         self.proven = False  # True after the first reply that produced a token
 
@@ -174,12 +179,12 @@ class StaticDecoder:
     def _forward(self, tokens, positions, span, mask, write):
         """Logits (1, vocab) in fp32 for the last of `tokens` (1, n) at `positions` (1, n). Keys and values are
         stored by `write(layer_index, k, v)`; attention reads the first `span` cache slots, masked by `mask`
-        (None: causal over exactly those slots)."""
+        (None: causal over exactly those slots). write=None: a single token at self.pos, whose RoPE, cache write
+        and attention run as the Triton kernels of utils/decode_attention.py (no mask)."""
         with sdpa_kernel(ATTENTION_BACKENDS):
             return self._layers(tokens, positions, span, mask, write)
 
     def _layers(self, tokens, positions, span, mask, write):
-        n = tokens.shape[1]
         x = self.core.embed_tokens(tokens)
         cos, sin = self.core.rotary_emb(x, positions)
         norm = self.layers[0].input_layernorm
@@ -191,20 +196,11 @@ class StaticDecoder:
                 q, k, v = F.linear(h, weight).split(sizes, dim=-1)
             else:
                 q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-            q, k, v = (t.view(1, n, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
-            q, k = speed.rope(q, k, cos, sin)
-            write(i, k, v)
-            keys, values = self.k[i][:, :, :span], self.v[i][:, :, :span]
-            if self.rep > 1:
-                keys, values = (t[:, :, None].expand(-1, -1, self.rep, -1, -1).reshape(1, -1, span, self.head_dim)
-                                for t in (keys, values))
-            if n == 1 and mask is not None and span >= MATMUL_ATTENTION_FROM:
-                w = torch.matmul(q, keys.transpose(2, 3)) * attn.scaling + mask
-                o = torch.matmul(w.softmax(-1, dtype=torch.float32).to(q.dtype), values)
+            if write is None:
+                o = decode_attention.attend(q, k, v, cos, sin, self.pos, self.k[i], self.v[i], span, attn.scaling)
             else:
-                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                                   is_causal=mask is None and n > 1, scale=attn.scaling)
-            o = attn.o_proj(o.transpose(1, 2).reshape(1, n, -1))
+                o = self._attention(i, q, k, v, cos, sin, span, mask, write)
+            o = attn.o_proj(o)
             norm = layer.post_attention_layernorm
             x, h = speed.add_rms_norm(x, o, norm.weight, norm.variance_epsilon)
             if (i, "gate_up") in self.fused:
@@ -216,6 +212,25 @@ class StaticDecoder:
             norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.core.norm
             x, h = speed.add_rms_norm(x, o, norm.weight, norm.variance_epsilon)
         return self.lm.get_output_embeddings()(h[:, -1:]).float()[:, -1]
+
+    def _attention(self, i, q, k, v, cos, sin, span, mask, write):
+        """Layer i's attention with torch ops: q, k, v (1, n, heads * head_dim) -> (1, n, heads * head_dim)."""
+        n = q.shape[1]
+        q, k, v = (t.view(1, n, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k = speed.rope(q, k, cos, sin)
+        write(i, k, v)
+        keys, values = self.k[i][:, :, :span], self.v[i][:, :, :span]
+        if self.rep > 1:
+            keys, values = (t[:, :, None].expand(-1, -1, self.rep, -1, -1).reshape(1, -1, span, self.head_dim)
+                            for t in (keys, values))
+        scale = self.layers[i].self_attn.scaling
+        if n == 1 and mask is not None and span >= MATMUL_ATTENTION_FROM:
+            w = torch.matmul(q, keys.transpose(2, 3)) * scale + mask
+            o = torch.matmul(w.softmax(-1, dtype=torch.float32).to(q.dtype), values)
+        else:
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and n > 1,
+                                               scale=scale)
+        return o.transpose(1, 2).reshape(1, n, -1)
 
     def _prefill(self, ids, start):
         """Run ids[start:] (ids[:start] are in the cache already); logits for the last one."""
@@ -247,6 +262,8 @@ class StaticDecoder:
 
     def _step_static(self, span):
         """One token from the static buffers self.tok / self.pos, attending over `span` masked slots."""
+        if self.kernels:  # the Triton kernels read the position from self.pos and only the slots in use
+            return self._forward(self.tok, self.pos.view(1, 1), span, None, None)
         allowed = (self.span[:span] <= self.pos).view(1, 1, 1, span)
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(~allowed, float("-inf"))
 
