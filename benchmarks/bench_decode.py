@@ -44,6 +44,10 @@ def parse_args(argv=None):
                    help="also time generate(cache_implementation='static') (compiles for a minute or more)")
     g.add_argument("--profile", action="store_true", help="also profile a 64-token reply after the turns: GPU "
                    "kernels by time and the GPU's idle time between them (CUDA only)")
+    g.add_argument("--steady", default="", metavar="POSITIONS",
+                   help="also time one decode step (a CUDA graph replay) at these comma-separated cache positions, "
+                        "with the Triton attention kernels and with torch ops (GPU only), e.g. 256,1024,2048,4000")
+    g.add_argument("--steady_reps", type=int, default=200, help="replays timed per position for --steady")
     g.add_argument("--json", default=None, help="also write the results to this file")
     return p.parse_args(argv)
 
@@ -102,6 +106,38 @@ def verify(model, tokenizer, ids, reference, n):
     return {"compared": min(len(ours), len(reference)), "identical_prefix": same,
             "max_logit_deficit": round(max(deficit), 4), "not_argmax": sum(d > 0 for d in deficit),
             "median_top2_gap": round(float((top2[:, 0] - top2[:, 1]).median()), 4)}
+
+
+def steady_steps(model, positions, reps):
+    """Milliseconds per decode step at fixed cache positions, each variant's graphs captured first (untimed).
+    Writes arbitrary keys and values into the cache, so the conversation held there is dropped afterwards."""
+    from utils.decoder import fast_decoder
+    engine = fast_decoder(model)
+    if engine is None or not engine.use_graphs:
+        return []
+    rows, kernels = [], engine.kernels
+    engine._ensure_capacity(min(max(positions) + 1, engine.ctx))
+    token = torch.full((1, 1), 5, dtype=torch.long, device=engine.device)
+    try:
+        for use in ([True, False] if kernels else [False]):
+            engine.kernels, engine.graphs = use, {}
+            for pos in positions:
+                with torch.inference_mode():
+                    for _ in range(3):
+                        engine._step_graph(token, pos)
+                    sync()
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        engine._step_graph(token, pos)
+                    sync()
+                ms = (time.perf_counter() - t0) / reps * 1000
+                rows.append({"attention": "triton" if use else "torch", "position": pos,
+                             "span": engine._bucket(pos + 1), "ms_per_token": round(ms, 4),
+                             "tokens_per_s": round(1000 / ms, 1)})
+                emit(dict(path="steady", **rows[-1]))
+    finally:
+        engine.kernels, engine.graphs, engine.cached = kernels, {}, []
+    return rows
 
 
 def main(args):
@@ -179,6 +215,9 @@ def main(args):
         print(f"=== profile: a 64-token reply after {len(turns)} turns ===")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
         print("GPU idle:", json.dumps(gpu_idle(prof, min_gap_us=20.0)), flush=True)
+
+    if args.steady:
+        results["steady"] = steady_steps(model, [int(x) for x in args.steady.split(",")], args.steady_reps)
 
     # ---- greedy agreement with generate ----
     n = min(args.verify_tokens, len(reference))

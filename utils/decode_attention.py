@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 BLOCK = 32  # cache slots loaded at once by a program of the second kernel
-MAX_SPLITS = 64  # runs per head at most (the combine kernel holds them all)
+MAX_SPLITS = 64  # runs per head at most (the combine kernel holds them all, whatever the span: one compile)
 
 
 def _importable():
@@ -57,7 +57,7 @@ if AVAILABLE:
             d = tl.arange(0, D)
             tl.store(v_cache + slot + d, tl.load(v + kv * D + d))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_split"])  # one compiled kernel for every span
     def _attend_split_kernel(q, k_cache, v_cache, pos_ptr, m_out, l_out, acc_out, scale, head_stride, n_split,
                              REP: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
         head = tl.program_id(0)
@@ -88,7 +88,7 @@ if AVAILABLE:
         tl.store(l_out + row, total)
         tl.store(acc_out + row * D + d, acc)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_split"])
     def _combine_kernel(m_in, l_in, acc_in, out, n_split, D: tl.constexpr, SPLITS: tl.constexpr):
         head = tl.program_id(0)
         runs = tl.arange(0, SPLITS)
@@ -133,7 +133,7 @@ def attend(q, k, v, cos, sin, pos, k_cache, v_cache, span, scale):
                                            n_split, REP=heads // kv_heads, D=head_dim, SPLIT=size, BLOCK=BLOCK,
                                            num_warps=4)
     out = torch.empty((1, 1, heads * head_dim), dtype=q.dtype, device=q.device)
-    _combine_kernel[(heads,)](m, l_sum, acc, out, n_split, D=head_dim, SPLITS=max(2, triton.next_power_of_2(n_split)),
+    _combine_kernel[(heads,)](m, l_sum, acc, out, n_split, D=head_dim, SPLITS=MAX_SPLITS,
                               num_warps=4)
     return out
 
