@@ -19,7 +19,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
-BLOCK = 32  # cache slots loaded at once by a program of the second kernel
+# The second kernel's launch settings, from a sweep on an H200 (BENCHMARKS.md, 2026-11-29, sixth session): 32
+# layers of a 7B shape's attention at positions 1,000 / 2,900 / 4,000 took 13.1 / 23.3 / 27.2 us a layer
+# (rope and combine included), against 17.5 / 35.8 / 40.4 with 32-slot blocks and 4 warps.
+BLOCK = 64  # cache slots loaded at once by a program
+SPLIT_MIN = 64  # cache slots per program, at least
+WARPS = 2  # warps per program
 MAX_SPLITS = 64  # runs per head at most (the combine kernel holds them all, whatever the span: one compile)
 
 
@@ -105,7 +110,7 @@ if AVAILABLE:
 def split_size(span):
     """Cache slots per program of the second kernel: 64 up to 4,096 slots (a 7B model's 32 heads then make up
     to 2,048 programs), then growing so that a head has at most MAX_SPLITS runs."""
-    size = 64
+    size = SPLIT_MIN
     while -(-span // size) > MAX_SPLITS:
         size *= 2
     return size
@@ -131,7 +136,7 @@ def attend(q, k, v, cos, sin, pos, k_cache, v_cache, span, scale):
     acc = torch.empty((heads, n_split, head_dim), dtype=torch.float32, device=q.device)
     _attend_split_kernel[(heads, n_split)](roped, k_cache, v_cache, pos, m, l_sum, acc, float(scale), head_stride,
                                            n_split, REP=heads // kv_heads, D=head_dim, SPLIT=size, BLOCK=BLOCK,
-                                           num_warps=4)
+                                           num_warps=WARPS)
     out = torch.empty((1, 1, heads * head_dim), dtype=q.dtype, device=q.device)
     _combine_kernel[(heads,)](m, l_sum, acc, out, n_split, D=head_dim, SPLITS=MAX_SPLITS,
                               num_warps=4)
