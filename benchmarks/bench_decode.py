@@ -3,6 +3,7 @@
 
     python benchmarks/bench_decode.py                      # LLaMA-2-7B shape on the GPU
     python benchmarks/bench_decode.py --hf_static          # also generate(cache_implementation="static")
+    python benchmarks/bench_decode.py --bits 4 --lora_r 16       # NF4 base + a LoRA adapter, as chat loads QLoRA
     python benchmarks/bench_decode.py --shape tiny --turns 2 --max_new_tokens 16 --baseline_tokens 8   # CPU
 
 The conversation has --turns turns with user messages of different lengths (so prompt lengths vary), each
@@ -18,6 +19,7 @@ swap near-ties on a random model; the deficit says how near).
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -33,6 +35,14 @@ from transformers.generation.streamers import BaseStreamer
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_shape_args(p)
+    g = p.add_argument_group("Model")
+    g.add_argument("--bits", type=int, choices=(16, 8, 4), default=16,
+                   help="16: a random bf16 model built in memory; 4 or 8: the same saved to --workdir and loaded "
+                        "quantized through utils/modeling.py, as cli_demo.py loads a QLoRA base")
+    g.add_argument("--lora_r", type=int, default=0,
+                   help="also attach a random LoRA adapter of this rank on all linear layers (0: none)")
+    g.add_argument("--workdir", default=None, help="where the checkpoint for --bits 4/8 is kept (default: "
+                                                   "/dev/shm/llama-qlora-bench if it has room, else /tmp)")
     g = p.add_argument_group("Run")
     g.add_argument("--turns", type=int, default=6, help="conversation turns through the project's path")
     g.add_argument("--max_new_tokens", type=int, default=256, help="tokens per reply")
@@ -108,6 +118,27 @@ def verify(model, tokenizer, ids, reference, n):
             "median_top2_gap": round(float((top2[:, 0] - top2[:, 1]).median()), 4)}
 
 
+def build_model(config, args):
+    """(model, tokenizer) in eval mode: random bf16 weights (fp32 on the CPU), or for --bits 4/8 that checkpoint
+    loaded quantized by the project's loader; with --lora_r, a random adapter (B not zero, so it counts)."""
+    if args.bits == 16:
+        model = random_model(config)
+        tokenizer = word_tokenizer(config.vocab_size)
+    else:
+        from utils.modeling import load_model
+        folder = common.build_checkpoint(os.path.join(args.workdir or common.default_workdir(),
+                                                      f"decode-{config.num_hidden_layers}x{config.hidden_size}"),
+                                         config)
+        model, tokenizer, _ = load_model(folder, bits=args.bits)
+    if args.lora_r:
+        from peft import LoraConfig, get_peft_model
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                                                 target_modules="all-linear", init_lora_weights=False,
+                                                 task_type="CAUSAL_LM"))
+    return model.eval(), tokenizer
+
+
 def steady_steps(model, positions, reps):
     """Milliseconds per decode step at fixed cache positions, each variant's graphs captured first (untimed).
     Writes arbitrary keys and values into the cache, so the conversation held there is dropped afterwards."""
@@ -146,11 +177,10 @@ def main(args):
     from utils.prompts import load_template
     print("versions:", json.dumps(versions()), flush=True)
     config = llama_config(args)
-    tokenizer = word_tokenizer(config.vocab_size)
     started = time.perf_counter()
-    model = random_model(config).eval()
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, {model.dtype}, "
-          f"{model.device}, built in {time.perf_counter() - started:.1f} s", flush=True)
+    model, tokenizer = build_model(config, args)
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, {args.bits}-bit, "
+          f"LoRA r={args.lora_r}, {model.device}, ready in {time.perf_counter() - started:.1f} s", flush=True)
     template = load_template("chat", tokenizer)
     ctx = config.max_position_embeddings
     budget = ctx - args.max_new_tokens
