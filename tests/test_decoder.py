@@ -115,3 +115,72 @@ def test_models_it_does_not_cover_say_why():
     model = _model(4)
     model.generation_config.no_repeat_ngram_size = 3
     assert unsupported_reason(model) == "generation_config.no_repeat_ngram_size is set"
+
+
+def _with_adapter(targets="all-linear", **kwargs):
+    from peft import LoraConfig, get_peft_model
+    model = _model(2)
+    torch.manual_seed(3)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights=False,
+                        **kwargs)
+    return get_peft_model(model, config).eval()
+
+
+def _worst_deficit(model, ids, reply):
+    """How far below the full forward pass's best logit each chosen token's logit is (0 for greedy agreement)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + reply])).logits[0, len(ids) - 1:-1]
+    return (logits.max(-1).values - logits.gather(1, torch.tensor(reply)[:, None])[:, 0]).max().item()
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj", "down_proj"]])
+def test_lora_adapter_runs_as_stacked_matrices_with_peft_result(targets):
+    """A peft adapter (random B, so it matters) becomes one A and one block-diagonal B per group; the decoder's
+    greedy replies are the full model's argmax, also where only some projections of a group have an adapter."""
+    model = _with_adapter(targets)
+    engine = fast_decoder(model)
+    qkv, down, gate_up = engine.proj[0, "qkv"], engine.proj[0, "down"], engine.proj[0, "gate_up"]
+    assert not qkv.as_modules and qkv.A is not None and qkv.B.shape == (64 + 32 + 32, qkv.A.shape[0])
+    if targets != "all-linear":
+        assert qkv.adapted == [True, False, True] and qkv.A.shape[0] == 8 and gate_up.A is None
+        assert not qkv.B[64:96].any()  # k_proj's rows: no adapter
+    assert down.A is not None
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.randint(3, 500, (29,), generator=g).tolist()
+    reply = _decode(engine, prompt, 30)
+    assert _worst_deficit(model, prompt, reply) < 1e-5
+    assert reply == _generate(model, prompt, 30, do_sample=False)
+    with model.disable_adapter():  # without the adapter the reply differs: the test above saw the adapter
+        assert _generate(model, prompt, 30, do_sample=False) != reply
+
+
+def test_adapter_changes_between_replies_are_noticed():
+    """Trained further in place, disabled, or merged: the next reply uses the adapter as it is now, and the
+    conversation cached under the old one is not reused."""
+    model = _with_adapter()
+    engine = fast_decoder(model)
+    prompt = list(range(3, 40))
+    first = _decode(engine, prompt, 12)
+    turn2 = prompt + first + [7, 8, 9]
+    lora_b = model.base_model.model.model.layers[1].mlp.down_proj.lora_B["default"].weight
+    with torch.no_grad():
+        lora_b.mul_(-3.0)  # an optimizer step changes the weights in place
+    reply = _decode(engine, turn2, 12)
+    assert engine.last_stats["reused_tokens"] == 0
+    assert reply == _generate(model, turn2, 12, do_sample=False)
+    assert _worst_deficit(model, turn2, reply) < 1e-5
+    with model.disable_adapter():
+        plain = _decode(engine, turn2, 12)
+        assert plain == _generate(model, turn2, 12, do_sample=False) != reply
+    again = _decode(engine, turn2, 12)  # enabled again
+    assert again == reply
+    model.merge_adapter()
+    assert _decode(engine, turn2, 12) == _generate(model, turn2, 12, do_sample=False)
+
+
+def test_adapter_the_stacked_path_does_not_cover_runs_as_peft_modules():
+    model = _with_adapter(use_dora=True)
+    engine = fast_decoder(model)
+    assert all(p.as_modules for p in engine.proj.values())
+    prompt = list(range(5, 30))
+    assert _decode(engine, prompt, 15) == _generate(model, prompt, 15, do_sample=False)

@@ -97,6 +97,54 @@ def test_decode_attention_kernels_match_torch_ops(dtype, heads, kv_heads, head_d
         assert cache[0][:, :, position + 1:].isnan().all()  # nothing written beyond the position
 
 
+def test_decoder_runs_a_4bit_base_with_a_lora_adapter(tmp_path):
+    """How chat loads a QLoRA result: an NF4 base and a peft adapter. The decoder's projection groups (one A GEMV,
+    one block-diagonal B GEMV, bitsandbytes' 4-bit GEMV per projection with the adapter's term as its bias)
+    against peft's modules; then replies through CUDA graphs against the full forward pass."""
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaForCausalLM
+
+    from utils.decoder import fast_decoder
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM(_config(ctx=2048))
+    with torch.no_grad():
+        plain.lm_head.weight[2] = 0
+    plain.save_pretrained(tmp_path)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, dtype=torch.bfloat16,
+                                                 device_map={"": 0})
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                                             init_lora_weights=False)).eval()
+    engine = fast_decoder(model)
+    assert engine.use_graphs and not engine.fused
+    for key, group in engine.proj.items():
+        assert not group.as_modules and group.A is not None and all(group.four_bit), key
+    g = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        for n in (1, 7):  # one token: the adapter's term as the 4-bit kernel's bias; a prefill: added after
+            for key in ((0, "qkv"), (0, "o"), (1, "gate_up"), (2, "down")):
+                group = engine.proj[key]
+                h = torch.randn(1, n, group.bases[0].in_features, generator=g).to("cuda", torch.bfloat16)
+                for ours, module, base in zip(group(h), group.modules, group.bases):
+                    ref, alone = module(h).float(), base(h).float()
+                    gap = (ours.float() - ref).abs().max().item()
+                    assert gap <= 0.02 * ref.abs().max().item(), (key, n, gap)
+                    assert (ref - alone).abs().max().item() > 0.2 * ref.abs().max().item()  # the adapter counts
+    prompt = torch.randint(3, 512, (200,), generator=g).tolist()
+    for turn in range(2):  # the 256-slot graph, then the 512-slot one after a reused conversation
+        ours = _decode(engine, prompt, 60)
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + ours], device="cuda")).logits[0, len(prompt) - 1:-1].float()
+        deficit = (logits.max(-1).values - logits.gather(1, torch.tensor(ours, device="cuda")[:, None])[:, 0])
+        print("turn", turn, "max deficit", deficit.max().item(), engine.last_stats)
+        assert deficit.max().item() < 0.1
+        prompt = prompt + ours + torch.randint(3, 512, (40,), generator=g).tolist()
+    assert engine.last_stats["reused_tokens"] > 200 and set(engine.graphs) == {256, 512}
+    assert all(engine.graphs.values())  # captured, not the op-by-op fallback
+
+
 def test_fused_qlora_step_matches_plain_recipe_on_gpu(tmp_path):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, LlamaForCausalLM

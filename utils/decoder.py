@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from utils import decode_attention, speed
+from utils.decode_projections import Projections
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")  # decoder layers of exactly the shape _forward computes
 BUCKET_MIN = 256  # shortest attention span a CUDA graph is captured for
@@ -110,31 +111,42 @@ class StaticDecoder:
         self.capacity, self.k, self.v = 0, [], []
         self.cached = []  # token ids whose keys and values are in the cache, at positions 0..len-1
         self.graphs, self.pool = {}, None
-        self.fused = self._fuse_projections() if self.use_graphs else {}
+        self.proj = {}  # (layer index, group) -> Projections
+        for i in range(len(self.layers)):
+            for group in ("qkv", "o", "gate_up", "down"):
+                self.proj[i, group] = self._projections(i, group)
+        self.fused = {key: p for key, p in self.proj.items() if p.weight is not None}
         self.kernels = self.use_graphs and os.environ.get("LLAMA_QLORA_DECODE_KERNELS", "1") != "0" \
             and decode_attention.works(self.device, self.dtype, self.head_dim, config.num_attention_heads,
                                        self.kv_heads)
         self.last_stats = {}
         self.proven = False  # True after the first reply that produced a token
 
-    def _fuse_projections(self):
-        """On the GPU path, q/k/v and gate/up of plain Linear layers become one matrix each (one GEMV instead
-        of three / two per token). The modules keep their weights as views into it: no extra memory, and
-        generate() or anything else using the modules computes what it did."""
-        fused = {}
-        for i, layer in enumerate(self.layers):
-            groups = {"qkv": [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
-                      "gate_up": [layer.mlp.gate_proj, layer.mlp.up_proj]}
-            for name, mods in groups.items():
-                if not all(type(m) is torch.nn.Linear and m.bias is None and m.weight.dtype == self.dtype
-                           for m in mods):
-                    continue
-                with torch.no_grad():
-                    weight = torch.cat([m.weight for m in mods])
-                    for m, part in zip(mods, weight.split([m.out_features for m in mods])):
-                        m.weight = torch.nn.Parameter(part, requires_grad=False)
-                fused[i, name] = (weight, [m.out_features for m in mods])
-        return fused
+    def _projections(self, i, group):
+        """Layer i's projections of `group` (utils/decode_projections.py). On the GPU path the plain 16-bit
+        bases of q/k/v and of gate/up become one matrix each (one GEMV instead of three / two per token); the
+        modules keep their weights as views into it, so generate() or anything else using them computes what it
+        did, with no extra memory."""
+        layer = self.layers[i]
+        attn, mlp = layer.self_attn, layer.mlp
+        modules = {"qkv": [attn.q_proj, attn.k_proj, attn.v_proj], "o": [attn.o_proj],
+                   "gate_up": [mlp.gate_proj, mlp.up_proj], "down": [mlp.down_proj]}[group]
+        return Projections(modules, self.dtype, fuse_bases=self.use_graphs and group in ("qkv", "gate_up"))
+
+    def _check_adapters(self):
+        """Before a reply: if a LoRA adapter changed since its copies were made (trained further, disabled,
+        merged, another one set active), remake them; the cached conversation is dropped, and the graphs too
+        when a copy changed shape."""
+        changed = False
+        for key, p in self.proj.items():
+            if p.stale():
+                changed = True
+                if not p.refresh():
+                    self.proj[key] = self._projections(*key)
+                    self.graphs, self.pool = {}, None
+        if changed:
+            self.cached = []
+            self.fused = {key: p for key, p in self.proj.items() if p.weight is not None}
 
     def try_acquire(self):
         return self.lock.acquire(blocking=False)
@@ -190,25 +202,17 @@ class StaticDecoder:
         norm = self.layers[0].input_layernorm
         h = speed.rms_norm(x, norm.weight, norm.variance_epsilon)
         for i, layer in enumerate(self.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            if (i, "qkv") in self.fused:
-                weight, sizes = self.fused[i, "qkv"]
-                q, k, v = F.linear(h, weight).split(sizes, dim=-1)
-            else:
-                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            attn = layer.self_attn
+            q, k, v = self.proj[i, "qkv"](h)
             if write is None:
                 o = decode_attention.attend(q, k, v, cos, sin, self.pos, self.k[i], self.v[i], span, attn.scaling)
             else:
                 o = self._attention(i, q, k, v, cos, sin, span, mask, write)
-            o = attn.o_proj(o)
+            o = self.proj[i, "o"](o)[0]
             norm = layer.post_attention_layernorm
             x, h = speed.add_rms_norm(x, o, norm.weight, norm.variance_epsilon)
-            if (i, "gate_up") in self.fused:
-                weight, sizes = self.fused[i, "gate_up"]
-                gate, up = F.linear(h, weight).split(sizes, dim=-1)
-            else:
-                gate, up = mlp.gate_proj(h), mlp.up_proj(h)
-            o = mlp.down_proj(speed.silu_mul(gate, up))
+            gate, up = self.proj[i, "gate_up"](h)
+            o = self.proj[i, "down"](speed.silu_mul(gate, up))[0]
             norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.core.norm
             x, h = speed.add_rms_norm(x, o, norm.weight, norm.variance_epsilon)
         return self.lm.get_output_embeddings()(h[:, -1:]).float()[:, -1]
@@ -339,6 +343,7 @@ class StaticDecoder:
         if n >= self.ctx:
             raise ValueError(f"the prompt is {n} tokens long; the model's context is {self.ctx}")
         started = time.perf_counter()
+        self._check_adapters()
         self._ensure_capacity(min(n + max_new, self.ctx))
         reuse = 0  # leading tokens whose keys and values are already in the cache
         while reuse < min(len(self.cached), n - 1) and self.cached[reuse] == prompt_ids[reuse]:
