@@ -163,15 +163,21 @@ def test_adapter_changes_between_replies_are_noticed():
     first = _decode(engine, prompt, 12)
     turn2 = prompt + first + [7, 8, 9]
     lora_b = model.base_model.model.model.layers[1].mlp.down_proj.lora_B["default"].weight
+    down = engine.proj[1, "down"]
+    stacked_b = down.B
+    engine.graphs = {256: "a captured graph"}  # stands in for the GPU's graphs (the CPU captures none)
     with torch.no_grad():
         lora_b.mul_(-3.0)  # an optimizer step changes the weights in place
     reply = _decode(engine, turn2, 12)
     assert engine.last_stats["reused_tokens"] == 0
     assert reply == _generate(model, turn2, 12, do_sample=False)
     assert _worst_deficit(model, turn2, reply) < 1e-5
+    # remade in place: graphs captured with the old copies read the new values, so they are kept
+    assert engine.proj[1, "down"] is down and down.B is stacked_b and engine.graphs == {256: "a captured graph"}
     with model.disable_adapter():
         plain = _decode(engine, turn2, 12)
         assert plain == _generate(model, turn2, 12, do_sample=False) != reply
+        assert down.A is None and engine.graphs == {}  # the copies went away: graphs must be captured again
     again = _decode(engine, turn2, 12)  # enabled again
     assert again == reply
     model.merge_adapter()

@@ -119,18 +119,21 @@ class Projections:
         return self._signature() != self.signature
 
     def refresh(self):
-        """Rebuild the adapter copies after stale(). True: done in place (captured graphs stay valid); False: the
-        group changed shape or kind, so the decoder must drop its graphs (and rebuild this object)."""
+        """Remake the adapter copies after stale(). True: in place, so CUDA graphs captured with them stay valid;
+        False: they changed shape or went away (the decoder drops its graphs); None: the group changed kind (an
+        adapter the stacked path does not cover came or went), so the decoder makes a new Projections."""
         parts = [lora_parts(m) for m in self.modules]
-        if any(p is False for p in parts) or [bool(p) for p in parts] != self.adapted or self.as_modules:
-            return False
-        if any(self.adapted):
-            shapes = (None if self.A is None else (self.A.shape, self.B.shape))
-            self._build_adapters(parts)
-            if shapes != (self.A.shape, self.B.shape):
-                return False
+        if any(p is False for p in parts) != self.as_modules:
+            return None
+        before = None if self.A is None else (self.A.shape, self.B.shape)
+        if not self.as_modules:
+            self.adapted = [bool(p) for p in parts]
+            if any(self.adapted):
+                self._build_adapters(parts)
+            else:
+                self.A = self.B = None
         self.signature = self._signature()
-        return True
+        return before == (None if self.A is None else (self.A.shape, self.B.shape))
 
     def __call__(self, h):
         if self.as_modules:

@@ -141,8 +141,10 @@ class StaticDecoder:
         for key, p in self.proj.items():
             if p.stale():
                 changed = True
-                if not p.refresh():
+                done = p.refresh()
+                if done is None:
                     self.proj[key] = self._projections(*key)
+                if not done:
                     self.graphs, self.pool = {}, None
         if changed:
             self.cached = []
