@@ -112,7 +112,8 @@ class Projections:
                 out.append(p)
             else:
                 a, b, scale = p
-                out.append((id(a), a._version, id(b), b._version, scale))
+                out.append((tuple(m.active_adapters), id(a), a.data_ptr(), a._version, id(b), b.data_ptr(),
+                            b._version, scale))
         return tuple(out)
 
     def stale(self):
