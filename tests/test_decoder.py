@@ -155,8 +155,8 @@ def test_lora_adapter_runs_as_stacked_matrices_with_peft_result(targets):
 
 
 def test_adapter_changes_between_replies_are_noticed():
-    """Trained further in place, disabled, or merged: the next reply uses the adapter as it is now, and the
-    conversation cached under the old one is not reused."""
+    """Trained further in place, disabled, swapped for another or merged: the next reply uses the adapter as it
+    is now, and the conversation cached under the old one is not reused."""
     model = _with_adapter()
     engine = fast_decoder(model)
     prompt = list(range(3, 40))
@@ -180,6 +180,14 @@ def test_adapter_changes_between_replies_are_noticed():
         assert down.A is None and engine.graphs == {}  # the copies went away: graphs must be captured again
     again = _decode(engine, turn2, 12)  # enabled again
     assert again == reply
+    from peft import LoraConfig
+    torch.manual_seed(5)
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    model.set_adapter("other")  # another adapter, of another rank
+    other = _decode(engine, turn2, 12)
+    assert other == _generate(model, turn2, 12, do_sample=False) != reply
+    assert engine.proj[1, "down"].A.shape[0] == 2
+    model.set_adapter("default")
     model.merge_adapter()
     assert _decode(engine, turn2, 12) == _generate(model, turn2, 12, do_sample=False)
 
