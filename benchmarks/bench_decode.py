@@ -151,7 +151,8 @@ def steady_steps(model, positions, reps):
     token = torch.full((1, 1), 5, dtype=torch.long, device=engine.device)
     try:
         for use in ([True, False] if kernels else [False]):
-            engine.kernels, engine.graphs, engine.pool = use, {}, None  # a fresh pool for fresh graphs
+            engine.kernels = use
+            engine._drop_graphs()  # each variant captures its own graphs, in a fresh pool
             for pos in positions:
                 with torch.inference_mode():
                     for _ in range(3):
@@ -167,7 +168,8 @@ def steady_steps(model, positions, reps):
                              "tokens_per_s": round(1000 / ms, 1)})
                 emit(dict(path="steady", **rows[-1]))
     finally:
-        engine.kernels, engine.graphs, engine.pool, engine.cached = kernels, {}, None, []
+        engine.kernels, engine.cached = kernels, []
+        engine._drop_graphs()
     return rows
 
 

@@ -14,6 +14,8 @@ modules as they are. The adapter copies are made in the model's dtype; `stale()`
 changed since (trained further, disabled, merged, swapped), so the decoder rebuilds them.
 """
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -64,7 +66,7 @@ class Projections:
         self.modules, self.dtype = list(modules), dtype
         self.bases = [_base(m) for m in self.modules]
         self.sizes = [b.out_features for b in self.bases]
-        self.ends = torch.tensor([0, *self.sizes]).cumsum(0).tolist()
+        self.ends = list(itertools.accumulate(self.sizes, initial=0))
         parts = [lora_parts(m) for m in self.modules]
         self.as_modules = any(p is False for p in parts)
         self.signature = self._signature()
@@ -81,6 +83,9 @@ class Projections:
                 for b, part in zip(self.bases, self.weight.split(self.sizes)):
                     b.weight = torch.nn.Parameter(part, requires_grad=False)
         self.four_bit = [_is_4bit(b, dtype) for b in self.bases]
+        if any(self.four_bit):
+            from bitsandbytes import matmul_4bit
+            self.matmul_4bit = matmul_4bit
 
     def _build_adapters(self, parts):
         """A: the adapters' A matrices stacked (sum of ranks, in); B: their B matrices times their scales, block
@@ -153,8 +158,8 @@ class Projections:
         for j, base in enumerate(self.bases):
             part = term[..., self.ends[j]:self.ends[j + 1]] if term is not None and self.adapted[j] else None
             if part is not None and one and self.four_bit[j]:
-                import bitsandbytes as bnb
-                outs.append(bnb.matmul_4bit(h, base.weight, bias=part.reshape(-1), quant_state=base.weight.quant_state))
+                outs.append(self.matmul_4bit(h, base.weight, bias=part.reshape(-1),
+                                             quant_state=base.weight.quant_state))
             else:
                 y = base(h)
                 outs.append(y if part is None else y + part)

@@ -110,12 +110,9 @@ class StaticDecoder:
         self.lock = threading.Lock()
         self.capacity, self.k, self.v = 0, [], []
         self.cached = []  # token ids whose keys and values are in the cache, at positions 0..len-1
-        self.graphs, self.pool = {}, None
-        self.proj = {}  # (layer index, group) -> Projections
-        for i in range(len(self.layers)):
-            for group in ("qkv", "o", "gate_up", "down"):
-                self.proj[i, group] = self._projections(i, group)
-        self.fused = {key: p for key, p in self.proj.items() if p.weight is not None}
+        self._drop_graphs()
+        self.proj = {(i, group): self._projections(i, group)  # (layer index, group) -> Projections
+                     for i in range(len(self.layers)) for group in ("qkv", "o", "gate_up", "down")}
         self.kernels = self.use_graphs and os.environ.get("LLAMA_QLORA_DECODE_KERNELS", "1") != "0" \
             and decode_attention.works(self.device, self.dtype, self.head_dim, config.num_attention_heads,
                                        self.kv_heads)
@@ -123,15 +120,22 @@ class StaticDecoder:
         self.proven = False  # True after the first reply that produced a token
 
     def _projections(self, i, group):
-        """Layer i's projections of `group` (utils/decode_projections.py). On the GPU path the plain 16-bit
-        bases of q/k/v and of gate/up become one matrix each (one GEMV instead of three / two per token); the
-        modules keep their weights as views into it, so generate() or anything else using them computes what it
-        did, with no extra memory."""
+        """Layer i's projections of `group` (utils/decode_projections.py); on the GPU path the 16-bit bases of
+        q/k/v and of gate/up run as one concatenated matrix each."""
         layer = self.layers[i]
         attn, mlp = layer.self_attn, layer.mlp
         modules = {"qkv": [attn.q_proj, attn.k_proj, attn.v_proj], "o": [attn.o_proj],
                    "gate_up": [mlp.gate_proj, mlp.up_proj], "down": [mlp.down_proj]}[group]
         return Projections(modules, self.dtype, fuse_bases=self.use_graphs and group in ("qkv", "gate_up"))
+
+    @property
+    def fused(self):
+        """The groups whose 16-bit base weights run as one concatenated matrix."""
+        return {key: p for key, p in self.proj.items() if p.weight is not None}
+
+    def _drop_graphs(self):
+        """Forget the captured graphs (they hold the addresses of buffers that are going); a fresh memory pool."""
+        self.graphs, self.pool = {}, None
 
     def _check_adapters(self):
         """Before a reply: if a LoRA adapter changed since its copies were made (trained further, disabled,
@@ -145,10 +149,9 @@ class StaticDecoder:
                 if done is None:
                     self.proj[key] = self._projections(*key)
                 if not done:
-                    self.graphs, self.pool = {}, None
+                    self._drop_graphs()
         if changed:
             self.cached = []
-            self.fused = {key: p for key, p in self.proj.items() if p.weight is not None}
 
     def try_acquire(self):
         return self.lock.acquire(blocking=False)
@@ -169,7 +172,7 @@ class StaticDecoder:
         for new, old in zip(k + v, self.k + self.v):  # keep the conversation already in the cache
             new[:, :, :self.capacity] = old
         self.k, self.v, self.capacity = k, v, cap
-        self.graphs, self.pool = {}, None  # captured with the old buffers' addresses; a fresh memory pool
+        self._drop_graphs()
         if self.use_graphs:
             self.tok = torch.zeros((1, 1), dtype=torch.long, device=self.device)
             self.pos = torch.zeros((1,), dtype=torch.long, device=self.device)
@@ -204,12 +207,12 @@ class StaticDecoder:
         norm = self.layers[0].input_layernorm
         h = speed.rms_norm(x, norm.weight, norm.variance_epsilon)
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
+            scale = layer.self_attn.scaling
             q, k, v = self.proj[i, "qkv"](h)
             if write is None:
-                o = decode_attention.attend(q, k, v, cos, sin, self.pos, self.k[i], self.v[i], span, attn.scaling)
+                o = decode_attention.attend(q, k, v, cos, sin, self.pos, self.k[i], self.v[i], span, scale)
             else:
-                o = self._attention(i, q, k, v, cos, sin, span, mask, write)
+                o = self._attention(i, q, k, v, cos, sin, span, mask, write, scale)
             o = self.proj[i, "o"](o)[0]
             norm = layer.post_attention_layernorm
             x, h = speed.add_rms_norm(x, o, norm.weight, norm.variance_epsilon)
@@ -219,7 +222,7 @@ class StaticDecoder:
             x, h = speed.add_rms_norm(x, o, norm.weight, norm.variance_epsilon)
         return self.lm.get_output_embeddings()(h[:, -1:]).float()[:, -1]
 
-    def _attention(self, i, q, k, v, cos, sin, span, mask, write):
+    def _attention(self, i, q, k, v, cos, sin, span, mask, write, scale):
         """Layer i's attention with torch ops: q, k, v (1, n, heads * head_dim) -> (1, n, heads * head_dim)."""
         n = q.shape[1]
         q, k, v = (t.view(1, n, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
@@ -229,7 +232,6 @@ class StaticDecoder:
         if self.rep > 1:
             keys, values = (t[:, :, None].expand(-1, -1, self.rep, -1, -1).reshape(1, -1, span, self.head_dim)
                             for t in (keys, values))
-        scale = self.layers[i].self_attn.scaling
         if n == 1 and mask is not None and span >= MATMUL_ATTENTION_FROM:
             w = torch.matmul(q, keys.transpose(2, 3)) * scale + mask
             o = torch.matmul(w.softmax(-1, dtype=torch.float32).to(q.dtype), values)
