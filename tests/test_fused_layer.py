@@ -77,13 +77,18 @@ def test_fused_layers_train_like_peft(gqa_folder, bits, targets, double_quant, c
     assert all(isinstance(layer, fused_layer.FastDecoderLayer) for layer in layers)
     assert all(layer.gradient_checkpointing == checkpointing for layer in layers)
     calls = []
-    real = fused_layer.run_layer.fn
-    fused_layer.run_layer.fn = lambda *a: calls.append(1) or real(*a)
+    runs = (fused_layer.run_layer, fused_layer.run_layer_and_middle, fused_layer.run_layer_gradients)
+    real = [run.fn for run in runs]
+    for run, fn in zip(runs, real):
+        run.fn = lambda *a, fn=fn: calls.append(fn.__name__) or fn(*a)
     try:
         got = {name: _step(model, b) for name, b in batches.items()}
     finally:
-        fused_layer.run_layer.fn = real
-    assert len(calls) == 2 * len(batches) * (2 if checkpointing else 1)  # the fused path ran (and recomputed)
+        for run, fn in zip(runs, real):
+            run.fn = fn
+    # the fused path ran (with checkpointing: a forward without gradients, then the recomputation)
+    expected = ["decoder_layer_and_middle", "decoder_layer_gradients"] if checkpointing else ["decoder_layer"]
+    assert sorted(calls) == sorted(expected * 2 * len(batches))
     for name in batches:
         _assert_same(ref[name], got[name])
     assert sorted(get_peft_model_state_dict(model)) == names  # same adapter files
@@ -202,6 +207,43 @@ def test_compiled_layer_saves_no_dequantized_weight(gqa_folder):
     eager = torch.autograd.grad(fused_layer.decoder_layer(h, *args).square().sum(), trainable)
     for a, b in zip(eager, grads):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max())
+
+
+@pytest.mark.parametrize("targets", ["all-linear", "q_proj,v_proj"])
+def test_recomputation_skips_the_outputs_nobody_reads(gqa_folder, monkeypatch, targets):
+    """A checkpointed layer's recomputation (decoder_layer_gradients, given the input and the middle residual)
+    dequantizes and multiplies by only q/k/v/gate/up in its forward; o_proj's and down_proj's weights are read in
+    the backward pass alone. Its gradients are decoder_layer's, eagerly and compiled (AOTAutograd with Inductor's
+    partitioner), with adapters on all projections and on q/v only (o and down then have none)."""
+    model = _load(gqa_folder, 4, targets if targets == "all-linear" else targets.split(","))
+    fused_layer.fuse_decoder_layers(model)
+    layer = model.base_model.model.model.layers[0]
+    shape = {n: tuple(getattr(getattr(layer, p), n).weight.quant_state.shape) for p, n in fused_layer.PROJECTIONS}
+    h, args, trainable = _layer_inputs(layer)
+    with torch.no_grad():  # as a checkpointed layer's forward runs
+        out, middle = fused_layer.decoder_layer_and_middle(h, *args)
+    eager = torch.autograd.grad(fused_layer.decoder_layer(h, *args).square().sum(), trainable)
+    grad_out = 2 * out  # the gradient of out.square().sum()
+
+    read, real = [], fused_layer._weight
+    monkeypatch.setattr(fused_layer, "_weight", lambda spec, *a: read.append(tuple(spec[1])) or real(spec, *a))
+    recomputed = fused_layer.decoder_layer_gradients(h, middle, *args)
+    assert torch.equal(recomputed, middle)  # its value is the given middle residual
+    assert sorted(read) == sorted(shape[n] for n in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
+    read.clear()
+    grads = torch.autograd.grad(recomputed, trainable, grad_out)
+    assert sorted(read) == sorted(shape.values())  # every weight in the backward pass
+    monkeypatch.setattr(fused_layer, "_weight", real)
+
+    torch._dynamo.reset()
+    compiled = speed._Fused(fused_layer.decoder_layer_gradients, dynamic=None,
+                            functorch_config=fused_layer.run_layer_gradients.functorch_config) \
+        .compile(backend="aot_eager_decomp_partition")
+    compiled_grads = torch.autograd.grad(compiled(h, middle, *args), trainable, grad_out)
+    for a, b, c in zip(eager, grads, compiled_grads):
+        assert a.abs().max() > 0
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max())
+        assert torch.allclose(a, c, rtol=1e-4, atol=1e-4 * a.abs().max())
 
 
 def test_nf4_kernel_self_check_falls_back_to_torch_ops(monkeypatch, capsys):

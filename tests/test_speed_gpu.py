@@ -176,8 +176,9 @@ def test_fused_qlora_step_matches_plain_recipe_on_gpu(tmp_path):
                 loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         if fused:
-            from utils.fused_layer import run_layer
-            assert run_layer.ok  # the decoder layers ran compiled, not the eager fallback
+            from utils.fused_layer import run_layer_and_middle, run_layer_gradients
+            # the checkpointed decoder layers ran compiled (forward and recomputation), not the eager fallback
+            assert run_layer_and_middle.ok and run_layer_gradients.ok
         grads = torch.cat([p.grad.float().flatten() for n, p in sorted(model.named_parameters()) if p.requires_grad])
         results[fused] = loss.item(), grads
     (l0, g0), (l1, g1) = results[False], results[True]
@@ -300,17 +301,24 @@ def test_fsdp_speedups_park_checkpointed_inputs_in_cpu_memory():
         assert torch.equal(g, grads[1][name]), name
 
 
-def test_parked_inputs_come_back_whole_and_each_fetch_starts_the_next():
-    """Layer inputs parked in pinned CPU memory come back equal in the backward pass's (reverse) order, while
-    the GPU memory they came from is reused; fetching one starts the side-stream copy of the one before it."""
+@pytest.mark.parametrize("pairs", [False, True])
+def test_parked_inputs_come_back_whole_and_each_fetch_starts_the_next(pairs):
+    """Layer inputs parked in pinned CPU memory (one tensor, or a layer's input and middle residual together, as
+    a checkpointed fused layer parks them) come back equal in the backward pass's (reverse) order, while the GPU
+    memory they came from is reused; fetching one starts the side-stream copy of the one before it."""
     from utils.fused_layer import offload
     xs = [torch.randn(2048, 2048, device="cuda") for _ in range(4)]
-    parked = [offload.park(x.clone()) for x in xs]  # each clone is freed at once: its memory is reused below
+    ys = [torch.randn(2048, 1024, device="cuda") for _ in range(4)]
+    # each clone is freed at once: its memory is reused below
+    parked = [offload.park((x.clone(), y.clone()) if pairs else x.clone()) for x, y in zip(xs, ys)]
     for i in reversed(range(4)):
         torch.cuda._sleep(10 ** 7)  # main-stream work queued ahead of the fetch
-        scratch = torch.full((2048, 2048), float("nan"), device="cuda")  # reuses freed memory
+        scratch = torch.full((2048, 3072), float("nan"), device="cuda")  # reuses freed memory
         h = offload.fetch(parked[i], xs[i].device)
         del scratch
+        if pairs:
+            assert isinstance(h, tuple) and torch.equal(h[1], ys[i]), i
+            h = h[0]
         assert torch.equal(h, xs[i]), i
         if i:
             assert parked[i - 1].ready is not None  # already on its way back

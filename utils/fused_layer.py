@@ -128,6 +128,26 @@ class _Projection(torch.autograd.Function):
         return dx.view(*grad.shape[:-1], dx.shape[-1]), None, None, None, None, None, None, None, None
 
 
+def _zeros_like_output(x, out_features):
+    """A zero (..., out_features) tensor that holds one element: what a gradients-only projection returns."""
+    return x.new_zeros(()).expand(*x.shape[:-1], out_features)
+
+
+def _out_features(spec, w):
+    return w.shape[0] if spec[0] == "dense" else spec[1][0]
+
+
+class _ProjectionGradients(_Projection):
+    """_Projection's backward without its forward GEMM: for a recomputation that never reads the projection's
+    output (see decoder_layer_gradients). The output is zeros."""
+
+    @staticmethod
+    def forward(ctx, x, bias, spec, w, absmax, code, absmax2, code2, offset):
+        ctx.save_for_backward(w, absmax, code, absmax2, code2, offset)
+        ctx.spec, ctx.dtype = spec, x.dtype
+        return _zeros_like_output(x, _out_features(spec, w))
+
+
 _PARTS = 11  # a projection's arguments after x: a, b, bias, scale, spec, w, absmax, code, absmax2, code2, offset
 
 
@@ -159,9 +179,14 @@ class _LoraProjections(torch.autograd.Function):
             if bias is not None:
                 out = out + bias.to(dtype)
             outs.append(out.view(*x.shape[:-1], out.shape[-1]))
-        ctx.save_for_backward(x2, xa, *[t for p in parts for t in (p[0], p[1], *p[5:])])
-        ctx.ranks, ctx.scales, ctx.specs = ranks, [p[3] for p in parts], [p[4] for p in parts]
+        _LoraProjections.save(ctx, x2, xa, parts)
         return tuple(outs)
+
+    @staticmethod
+    def save(ctx, x2, xa, parts):
+        ctx.save_for_backward(x2, xa, *[t for p in parts for t in (p[0], p[1], *p[5:])])
+        ctx.ranks, ctx.scales, ctx.specs = [p[0].shape[0] for p in parts], [p[3] for p in parts], \
+            [p[4] for p in parts]
 
     @staticmethod
     def backward(ctx, *grads):
@@ -180,13 +205,27 @@ class _LoraProjections(torch.autograd.Function):
         return tuple(out)
 
 
-def _project(x, projections):
+class _LoraGradients(_LoraProjections):
+    """_LoraProjections' backward with only the part of its forward that the backward reads (x A^T): for a
+    recomputation that never reads the projections' outputs (see decoder_layer_gradients). The outputs are
+    zeros; the base and B GEMMs and the dequantization of W are skipped."""
+
+    @staticmethod
+    def forward(ctx, x, *flat):
+        parts = [flat[i:i + _PARTS] for i in range(0, len(flat), _PARTS)]
+        x2 = x.reshape(-1, x.shape[-1])
+        xa = x2 @ _cat([p[0].to(x.dtype) for p in parts]).t()
+        _LoraProjections.save(ctx, x2, xa, parts)
+        return tuple(_zeros_like_output(x, p[1].shape[0]) for p in parts)
+
+
+def _project(x, projections, gradients_only=False):
     """Each projection p (projection_args) of x: all in one _LoraProjections when each has an adapter, else
-    each on its own."""
+    each on its own. gradients_only: the same backward pass, but the outputs are zeros and cost nothing."""
+    lora, plain = (_LoraGradients, _ProjectionGradients) if gradients_only else (_LoraProjections, _Projection)
     if all(p[0] is not None for p in projections):
-        return _LoraProjections.apply(x, *[t for p in projections for t in p])
-    return tuple(_LoraProjections.apply(x, *p)[0] if p[0] is not None else _Projection.apply(x, p[2], *p[4:])
-                 for p in projections)
+        return lora.apply(x, *[t for p in projections for t in p])
+    return tuple(lora.apply(x, *p)[0] if p[0] is not None else plain.apply(x, p[2], *p[4:]) for p in projections)
 
 
 def projection_args(module):
@@ -324,11 +363,9 @@ def segments(hidden_states, kwargs, head_dim, scaling):
 # The decoder layer as one function
 # ---------------------------------------------------------------------------------------------------------
 
-def decoder_layer(h, cos, sin, mask, norm1, norm2, consts, q, k, v, o, gate, up, down):
-    """LlamaDecoderLayer.forward without a cache: pre-norm attention and SwiGLU MLP, each with a residual.
-    `mask`: None (causal), a 4-D attention mask, or (cumulative segment lengths, longest segment) from
-    segments() for packed rows (flash attention by segment)."""
-    n_heads, n_kv, head_dim, scaling, eps1, eps2 = consts
+def _attention(h, cos, sin, mask, norm1, consts, q, k, v):
+    """The attention half of a layer up to o_proj's input: (batch, seq, heads x head_dim)."""
+    n_heads, n_kv, head_dim, scaling, eps1, _ = consts
     batch, seq = h.shape[:2]
     x = _rms_norm(h, norm1, eps1)
     qs, ks, vs = _project(x, (q, k, v))
@@ -347,9 +384,51 @@ def decoder_layer(h, cos, sin, mask, norm1, norm2, consts, q, k, v, o, gate, up,
     else:
         attn = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None and seq > 1,
                                               scale=scaling).transpose(1, 2)
-    h = h + _project(attn.reshape(batch, seq, n_heads * head_dim), (o,))[0]
-    x = _rms_norm(h, norm2, eps2)
-    return h + _project(_silu_mul(*_project(x, (gate, up))), (down,))[0]
+    return attn.reshape(batch, seq, n_heads * head_dim)
+
+
+def _mlp_input(middle, norm2, eps2, gate, up):
+    """silu(gate) x up of the post-attention residual: down_proj's input."""
+    return _silu_mul(*_project(_rms_norm(middle, norm2, eps2), (gate, up)))
+
+
+def decoder_layer_and_middle(h, cos, sin, mask, norm1, norm2, consts, q, k, v, o, gate, up, down):
+    """LlamaDecoderLayer.forward without a cache (pre-norm attention and SwiGLU MLP, each with a residual), and
+    its residual stream between the two (what a checkpointed layer keeps besides its input). `mask`: None
+    (causal), a 4-D attention mask, or (cumulative segment lengths, longest segment) from segments() for packed
+    rows (flash attention by segment)."""
+    middle = h + _project(_attention(h, cos, sin, mask, norm1, consts, q, k, v), (o,))[0]
+    return middle + _project(_mlp_input(middle, norm2, consts[5], gate, up), (down,))[0], middle
+
+
+def decoder_layer(h, *args):
+    """LlamaDecoderLayer.forward without a cache (see decoder_layer_and_middle)."""
+    return decoder_layer_and_middle(h, *args)[0]
+
+
+def decoder_layer_gradients(h, middle, cos, sin, mask, norm1, norm2, consts, q, k, v, o, gate, up, down):
+    """The recomputation of a checkpointed layer, given its input h and its middle residual from the forward
+    pass: the returned tensor has decoder_layer's graph (the same gradients for every input), not its value.
+    What the backward pass never reads is not recomputed: o_proj's output (its only use is the middle residual,
+    which is given) and down_proj's (it only adds onto the layer's output). Their projections run just the
+    adapters' x A^T, so a third of the base FLOPs of the recomputation are skipped: the two GEMMs and their NF4
+    dequantization. The value returned is the middle residual, the output's gradient reaching it whole."""
+    attn = _attention(h, cos, sin, mask, norm1, consts, q, k, v)
+    middle = _Given.apply(h + _project(attn, (o,), gradients_only=True)[0], middle)
+    return middle + _project(_mlp_input(middle, norm2, consts[5], gate, up), (down,), gradients_only=True)[0]
+
+
+class _Given(torch.autograd.Function):
+    """`value`, known from the forward pass, standing in the graph for `computed`: the gradient goes to
+    `computed`, whose own value is never read (so, compiled, it is never computed)."""
+
+    @staticmethod
+    def forward(ctx, computed, value):
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 # Compiled once on CUDA, shared by every layer. Without cse=False, AOTAutograd would merge the backward's
@@ -358,8 +437,14 @@ def decoder_layer(h, cos, sin, mask, norm1, norm2, consts, q, k, v, o, gate, up,
 # Inductor's debug checks of every input's and output's size, stride and alignment are off here: ~160 Python
 # calls per layer and step (forward and backward), and without checkpointing the forward pass waits for the CPU.
 # Dynamo's guards still check the inputs' shapes and strides before each call.
-run_layer = _Fused(decoder_layer, dynamic=None, functorch_config={"cse": False},
-                   inductor_options={"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False})
+# run_layer serves training without checkpointing; every call without gradients (a checkpointed layer's forward,
+# evaluation) goes to run_layer_and_middle, and a checkpointed layer's recomputation to run_layer_gradients, so a
+# run compiles each of the three in one grad mode only.
+_COMPILE = dict(dynamic=None, functorch_config={"cse": False},
+                inductor_options={"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False})
+run_layer = _Fused(decoder_layer, **_COMPILE)
+run_layer_and_middle = _Fused(decoder_layer_and_middle, **_COMPILE)
+run_layer_gradients = _Fused(decoder_layer_gradients, **_COMPILE)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -367,34 +452,41 @@ run_layer = _Fused(decoder_layer, dynamic=None, functorch_config={"cse": False},
 # ---------------------------------------------------------------------------------------------------------
 
 class _Parked:
-    """A tensor parked in pinned CPU memory; `ready` is its copy back to the GPU when one was started early,
-    `previous` (a weak reference) the tensor parked before it, whose turn comes next in the backward pass."""
-    __slots__ = ("cpu", "device", "ready", "previous", "__weakref__")
+    """Tensors parked in pinned CPU memory; `ready` is their copy back to the GPU when one was started early,
+    `previous` (a weak reference) what was parked before them, whose turn comes next in the backward pass;
+    `single`: one tensor was parked, not a tuple."""
+    __slots__ = ("cpu", "device", "ready", "previous", "single", "__weakref__")
 
-    def __init__(self, cpu, device, previous):
-        self.cpu, self.device, self.ready, self.previous = cpu, device, None, previous
+    def __init__(self, cpu, device, previous, single):
+        self.cpu, self.device, self.ready, self.previous, self.single = cpu, device, None, previous, single
 
 
 class _Offload:
-    """Copies of layer inputs to pinned CPU memory on a side stream, and back. The backward pass meets them in
-    the reverse order of the forward, so fetching one starts copying the one parked before it on the side
-    stream, and that copy overlaps the layer's recomputation. On the CPU: kept as they are."""
+    """Copies of layer inputs (a tensor, or a tuple of tensors that come back together) to pinned CPU memory on
+    a side stream, and back. The backward pass meets them in the reverse order of the forward, so fetching one
+    starts copying the one parked before it on the side stream, and that copy overlaps the layer's
+    recomputation. On the CPU: kept as they are."""
 
     def __init__(self):
         self.stream, self.last = None, None
 
-    def park(self, h):
-        if not h.is_cuda:
-            return h
+    def park(self, tensors):
+        single = isinstance(tensors, torch.Tensor)
+        tensors = (tensors,) if single else tuple(tensors)
+        if not tensors[0].is_cuda:
+            return tensors[0] if single else tensors
+        device = tensors[0].device
         if self.stream is None:
-            self.stream = torch.cuda.Stream(h.device)
-        main = torch.cuda.current_stream(h.device)
-        cpu = torch.empty(h.shape, dtype=h.dtype, pin_memory=True)
-        self.stream.wait_stream(main)  # h is complete
+            self.stream = torch.cuda.Stream(device)
+        main = torch.cuda.current_stream(device)
+        cpu = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors)
+        self.stream.wait_stream(main)  # the tensors are complete
         with torch.cuda.stream(self.stream):
-            cpu.copy_(h, non_blocking=True)
-        h.record_stream(self.stream)  # its memory is not reused before the copy has read it
-        parked = _Parked(cpu, h.device, self.last)
+            for c, t in zip(cpu, tensors):
+                c.copy_(t, non_blocking=True)
+        for t in tensors:
+            t.record_stream(self.stream)  # its memory is not reused before the copy has read it
+        parked = _Parked(cpu, device, self.last, single)
         self.last = weakref.ref(parked)
         return parked
 
@@ -403,46 +495,50 @@ class _Offload:
             return parked
         main = torch.cuda.current_stream(device)
         main.wait_stream(self.stream)  # the copy to the CPU, and any early copy back, have finished
-        h, parked.ready = parked.ready, None
-        if h is None:
-            h = parked.cpu.to(device, non_blocking=True)
+        tensors, parked.ready = parked.ready, None
+        if tensors is None:
+            tensors = tuple(c.to(device, non_blocking=True) for c in parked.cpu)
         previous = parked.previous() if parked.previous is not None else None
         if previous is not None and previous.ready is None and previous.device == device:
             previous.ready = self._copy_back(previous, main)
-        return h
+        return tensors[0] if parked.single else tensors
 
     def _copy_back(self, parked, main):
-        h = torch.empty(parked.cpu.shape, dtype=parked.cpu.dtype, device=parked.device)
-        self.stream.wait_stream(main)  # h's memory may have been freed by kernels still queued there
+        tensors = tuple(torch.empty(c.shape, dtype=c.dtype, device=parked.device) for c in parked.cpu)
+        self.stream.wait_stream(main)  # their memory may have been freed by kernels still queued there
         with torch.cuda.stream(self.stream):
-            h.copy_(parked.cpu, non_blocking=True)
-        h.record_stream(self.stream)
-        return h
+            for t, c in zip(tensors, parked.cpu):
+                t.copy_(c, non_blocking=True)
+        for t in tensors:
+            t.record_stream(self.stream)
+        return tensors
 
 
 offload = _Offload()
 
 
 class _CheckpointedLayer(torch.autograd.Function):
-    """Forward without keeping activations; backward recomputes the layer from its (parked) input and returns the
-    gradients of the input and of the trainable tensors, like any autograd function."""
+    """Forward without keeping activations but the layer's input and middle residual (on a GPU parked in CPU
+    memory); backward recomputes what the layer's gradients need from those two (decoder_layer_gradients) and
+    returns the gradients of the input and of the trainable tensors, like any autograd function."""
 
     @staticmethod
     def forward(ctx, layer_args, park, h, *trainable):
         with torch.no_grad():
-            out = run_layer(h, *layer_args)
+            out, middle = run_layer_and_middle(h, *layer_args)
         ctx.layer_args, ctx.device = layer_args, h.device
-        ctx.parked = offload.park(h) if park else h
+        ctx.parked = offload.park((h, middle)) if park else (h, middle)
         ctx.trainable = trainable  # parameters: alive anyway, and autograd.grad needs these very tensors
         return out
 
     @staticmethod
     def backward(ctx, grad):
         trainable = ctx.trainable
-        h = offload.fetch(ctx.parked, ctx.device).detach().requires_grad_(ctx.needs_input_grad[2])
+        h, middle = offload.fetch(ctx.parked, ctx.device)
+        h = h.detach().requires_grad_(ctx.needs_input_grad[2])
         ctx.parked = ctx.trainable = None
         with torch.enable_grad():
-            out = run_layer(h, *ctx.layer_args)
+            out = run_layer_gradients(h, middle, *ctx.layer_args)
         wanted = ([h] if h.requires_grad else []) + [t for t in trainable if t.requires_grad]
         grads = list(torch.autograd.grad(out, wanted, grad, allow_unused=True))
         dh = grads.pop(0) if h.requires_grad else None
@@ -503,7 +599,9 @@ class FastDecoderLayer(nn.Module):
         if args is None:
             return self.original_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                          position_embeddings=position_embeddings, **kwargs)
-        if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
+        if not torch.is_grad_enabled():
+            return run_layer_and_middle(hidden_states, *args)[0]
+        if not (self.gradient_checkpointing and self.training):
             return run_layer(hidden_states, *args)
         trainable = [t for p in args[6:] for t in p[:2] if t is not None and t.requires_grad]
         return _CheckpointedLayer.apply(args, self.park_inputs, hidden_states, *trainable)
