@@ -12,10 +12,12 @@ eagerly, so CPU tests run the same code.
   elsewhere bitsandbytes' own ops or the same arithmetic in torch ops: bit for bit what bitsandbytes reads).
   The adapter's term is computed first and the base GEMM adds onto it in place. Projections of one input
   (q/k/v, gate/up) whose adapters are all there share one A GEMM (_LoraProjections).
-- With gradient checkpointing, a layer keeps only its input for the backward pass, and on a CUDA GPU that
-  input waits in pinned CPU memory (copied on a side stream), so checkpointing holds ~0 GPU memory per layer.
-  The backward pass copies it back, recomputes the layer and returns the adapter gradients as ordinary autograd
-  outputs (no nested .backward(), so DDP's gradient hooks see them as usual).
+- With gradient checkpointing, a layer keeps only its input and its middle residual (after attention) for the
+  backward pass, and on a CUDA GPU these wait in pinned CPU memory (copied on a side stream), so checkpointing
+  holds ~0 GPU memory per layer. The backward pass copies them back and recomputes only what the gradients
+  read: not o_proj's and down_proj's outputs, so their base GEMMs are skipped (decoder_layer_gradients). It
+  returns the adapter gradients as ordinary autograd outputs (no nested .backward(), so DDP's gradient hooks
+  see them as usual).
 - Packed rows (utils/speed.py: packed_collate) bring where each example starts; on a GPU attention then runs
   within each example through flash attention over those starts (segments()), not over whole rows with
   transformers' block-diagonal mask, which stays the path elsewhere.
