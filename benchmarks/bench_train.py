@@ -55,7 +55,8 @@ def parse_args(argv=None):
                         "(finetune.py's setting), blocking = tensor.to(device), which waits for the previous step "
                         "(the HF Trainer's defaults)")
     g.add_argument("--park", choices=["on", "off", "both"], default="on",
-                   help="ours: checkpointed layer inputs parked in CPU memory (the default) or kept on the GPU")
+                   help="ours: what checkpointed layers keep (input, middle residual) parked in CPU memory "
+                        "(the default) or kept on the GPU")
     g.add_argument("--workdir", default=None, help="where the random checkpoint is saved (default: /dev/shm or /tmp)")
     g.add_argument("--unsloth_site", default="/tmp/uns", help="folder with unsloth's packages, put first on its "
                                                                "PYTHONPATH (skipped when unsloth is not there)")
