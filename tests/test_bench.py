@@ -60,10 +60,13 @@ def test_decode_benchmark_loads_a_qlora_base_with_an_adapter(tmp_path):
     """--bits 4 --lora_r: the checkpoint saved, loaded in NF4 by utils/modeling.py with a random adapter on every
     linear layer, and decoded through the project's path with generate's greedy tokens."""
     import bench_decode
+    # layers at least one 64-value quantization block wide: on CPUs with AVX512-BF16, bitsandbytes 0.50 repacks 4-bit
+    # weights for inference and cannot repack a layer with fewer inputs than its block size (TINY's 32)
     results = bench_decode.main(bench_decode.parse_args(
-        TINY + ["--turns", "2", "--max_new_tokens", "6", "--baseline_tokens", "6", "--verify_tokens", "6",
-                "--message_words", "3,9", "--bits", "4", "--lora_r", "4", "--workdir", str(tmp_path)]))
-    assert os.path.isfile(os.path.join(tmp_path, "decode-2x32", "model.safetensors"))
+        TINY + ["--hidden_size", "64", "--intermediate_size", "128", "--turns", "2", "--max_new_tokens", "6",
+                "--baseline_tokens", "6", "--verify_tokens", "6", "--message_words", "3,9", "--bits", "4",
+                "--lora_r", "4", "--workdir", str(tmp_path)]))
+    assert os.path.isfile(os.path.join(tmp_path, "decode-2x64", "model.safetensors"))
     assert [t["new_tokens"] for t in results["stream"]] == [6, 6]
     check = results["greedy_check"]
     assert check["identical_prefix"] == check["compared"] == 6 and check["max_logit_deficit"] == 0
