@@ -36,7 +36,24 @@ def load_events(path):
     with opener(path, "rt") as f:
         trace = json.load(f)
     return [e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy",
-                                                                                        "gpu_memset")]
+                                                                                        "gpu_memset",
+                                                                                        "cuda_runtime",
+                                                                                        "cuda_driver")]
+
+
+def lead(events, top=5):
+    """How far ahead of the GPU the CPU ran: for each kernel, the time from its launch call on the CPU to its
+    start on the GPU (matched by correlation id). Where that is near zero the GPU waits for the CPU; the
+    smallest figures over a step are the slack that more CPU work per step would use up."""
+    launches = {e["args"]["correlation"]: e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")
+                and "correlation" in e.get("args", {})}
+    leads = sorted((e["ts"] - launches[e["args"]["correlation"]]["ts"]) / 1e3 for e in events
+                   if e.get("cat") == "kernel" and e.get("args", {}).get("correlation") in launches)
+    if not leads:
+        return
+    pick = lambda q: leads[min(len(leads) - 1, int(q * len(leads)))]  # noqa: E731
+    print(f"CPU lead over the GPU at kernel launch (ms): min {leads[0]:.2f}, 5% {pick(0.05):.2f}, "
+          f"25% {pick(0.25):.2f}, median {pick(0.5):.2f}, max {leads[-1]:.2f} ({len(leads)} kernels)")
 
 
 def kind(name, dur_us, big_gemm_us):
@@ -100,7 +117,10 @@ def main():
     p.add_argument("--steps", type=int, default=2, help="steps the trace holds (figures are per step)")
     p.add_argument("--big_gemm_us", type=float, default=100.0, help="GEMMs at least this long count as large")
     args = p.parse_args()
-    breakdown(load_events(args.trace), args.steps, args.big_gemm_us)
+    events = load_events(args.trace)
+    breakdown([e for e in events if e.get("cat") not in ("cuda_runtime", "cuda_driver")], args.steps,
+              args.big_gemm_us)
+    lead(events)
 
 
 if __name__ == "__main__":
