@@ -404,3 +404,118 @@ def test_flash_by_segment_is_checked_once_before_use(monkeypatch, capsys, kernel
     note = capsys.readouterr().err
     assert ("block-diagonal mask" in note) is (kernel != "per segment")
     assert fused_layer.flash_by_segment_works("cpu", torch.float32, 16) is verdict and len(calls) == 1
+
+
+def _create_causal_mask(model, embeds, positions):
+    """transformers' own mask for `positions` (no attention_mask, no cache), by keyword: its parameter names
+    changed across transformers 5 releases."""
+    import inspect
+
+    from transformers import masking_utils
+    names = inspect.signature(masking_utils.create_causal_mask).parameters
+    kwargs = {"config": model.config, "attention_mask": None, "position_ids": positions}
+    kwargs["inputs_embeds" if "inputs_embeds" in names else "input_embeds"] = embeds
+    for name in ("cache", "past_key_values", "cache_position"):
+        if name in names:
+            kwargs[name] = torch.arange(embeds.shape[1]) if name == "cache_position" else None
+    return masking_utils.create_causal_mask(**kwargs)
+
+
+def test_block_causal_mask_is_the_mask_transformers_makes(gqa_folder):
+    """block_causal_mask (computed without reading anything back from the device) equals the mask that
+    transformers builds from the same packed position ids; plain_causal_mask is the causal mask, marked."""
+    model = _load(gqa_folder, 16)
+    for row_tokens in (None, 40):  # one row [20, 33, 9, 16]; rows [20 + filler], [33], [9, 16 + filler]
+        positions = speed.packed_collate(row_tokens=row_tokens)(_examples())["position_ids"]
+        embeds = torch.zeros(*positions.shape, 128)
+        theirs = _create_causal_mask(model.base_model.model, embeds, positions)
+        ours = fused_layer.block_causal_mask(positions)
+        assert ours.dtype == torch.bool and ours.shape == (positions.shape[0], 1, *positions.shape[1:] * 2)
+        assert torch.equal(ours, theirs.expand_as(ours))
+        assert not ours.all() and ours[:, :, 1, 0].all()  # something is masked; the 2nd token sees the 1st
+    causal = fused_layer.plain_causal_mask(3, 7, "cpu")
+    assert causal.shape == (3, 1, 7, 7) and fused_layer.is_plain_causal(causal)
+    assert torch.equal(causal[1, 0], torch.ones(7, 7, dtype=torch.bool).tril())
+    assert not fused_layer.is_plain_causal(ours) and not fused_layer.is_plain_causal(None)
+
+
+@pytest.mark.parametrize("rows", ["unpacked", "packed", "packed in rows"])
+def test_training_masks_come_from_the_batch_without_waiting_for_the_gpu(gqa_folder, monkeypatch, rows):
+    """TrainingSpeedups hooks the decoder stack so that transformers' mask code, which reads the position ids
+    back from the GPU at every forward pass, is not reached: packed_collate's batch says what it is. The loss
+    and adapter gradients equal those with transformers making the mask, and unpacked rows reach the fused
+    layers as plain causal attention (no mask)."""
+    from transformers import masking_utils
+    examples = [{"input_ids": list(range(3, 35)), "labels": list(range(3, 35))}] * 3 if rows == "unpacked" \
+        else _examples()
+    batch = speed.packed_collate(row_tokens={"unpacked": 32, "packed": None, "packed in rows": 40}[rows])(examples)
+    assert ("position_ids" in batch) is (rows != "unpacked")
+    model = _load(gqa_folder, 16)
+    sp = speed.TrainingSpeedups(model)
+    assert sp.layers == 2 and sp.mask_hook is not None
+    sp.mask_hook.remove()
+    ref = _step(model, batch)  # transformers makes the mask
+
+    sp.mask_hook = model.base_model.model.model.register_forward_pre_hook(fused_layer.attention_mask_hook,
+                                                                         with_kwargs=True)
+
+    def no_reading_back(*args, **kwargs):
+        raise AssertionError("transformers' mask code ran")
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", no_reading_back)
+    monkeypatch.setattr(masking_utils, "fast_all", no_reading_back)  # (a 2-D mask: does it pad anything?)
+    masks, real = [], fused_layer.FastDecoderLayer.fused_args
+    monkeypatch.setattr(fused_layer.FastDecoderLayer, "fused_args",
+                        lambda self, *a: (lambda args: masks.append(args[2]) or args)(real(self, *a)))
+    _assert_same(ref, _step(model, batch))
+    assert len(masks) == 2
+    if rows == "unpacked":
+        assert all(m is None for m in masks)  # on the CPU: sdpa's causal kernel (cuDNN is for Hopper GPUs)
+    else:
+        assert all(m.dim() == 4 and not m.all() for m in masks)  # the block-diagonal mask, on the CPU
+
+
+def test_hook_leaves_other_calls_to_transformers(gqa_folder):
+    """attention_mask_hook changes nothing where the batch does not say what its mask is: a 2-D attention
+    mask, position ids without segment starts, a cache, generation settings, eager attention."""
+    model = _load(gqa_folder, 16)
+    stack = model.base_model.model.model
+    ids = torch.tensor([[5, 6, 7]])
+    for kwargs in ({"input_ids": ids, "attention_mask": torch.ones(1, 3), "use_cache": False},
+                   {"input_ids": ids, "position_ids": torch.tensor([[0, 1, 0]]), "use_cache": False},
+                   {"input_ids": ids, "use_cache": True}, {"input_ids": ids, "past_key_values": object()}):
+        assert fused_layer.attention_mask_hook(stack, (), kwargs) is None
+    assert fused_layer.attention_mask_hook(stack, (ids,), {"use_cache": False}) is None
+    args, kwargs = fused_layer.attention_mask_hook(stack, (), {"input_ids": ids, "use_cache": False})
+    assert fused_layer.is_plain_causal(kwargs["attention_mask"]) and kwargs["input_ids"] is ids
+    eager = _load(gqa_folder, 16, attn="eager").base_model.model.model
+    assert fused_layer.attention_mask_hook(eager, (), {"input_ids": ids, "use_cache": False}) is None
+
+
+def test_cudnn_attention_only_while_the_shapes_repeat(monkeypatch):
+    """causal_attention() picks cuDNN (where it runs and passed its check) for the first CUDNN_SHAPES shapes of
+    unpacked rows, then flash attention for good once a further shape comes; never for fp32 or odd heads."""
+    monkeypatch.setattr(fused_layer, "cudnn_causal_on", lambda device: True)
+    monkeypatch.setattr(fused_layer, "cudnn_causal_works", lambda device, dtype, head_dim: True)
+    monkeypatch.setattr(fused_layer, "_causal_shapes", set())
+    assert fused_layer.CUDNN_SHAPES == 2
+
+    def pick(batch, seq, dtype=torch.bfloat16, head_dim=128):
+        return fused_layer.causal_attention(torch.zeros(batch, seq, 8, dtype=dtype), head_dim)
+
+    assert pick(8, 512) == pick(8, 512) == pick(4, 512) == pick(8, 512) == fused_layer.CUDNN_CAUSAL
+    assert pick(8, 512, torch.float32) is None and pick(8, 512, head_dim=100) is None and pick(8, 1) is None
+    assert pick(8, 300) is None and pick(8, 512) is None and pick(4, 512) is None  # a third shape: flash for good
+    monkeypatch.setattr(fused_layer, "_causal_shapes", set())
+    monkeypatch.setattr(fused_layer, "cudnn_causal_works", lambda device, dtype, head_dim: False)
+    assert pick(8, 512) is None
+
+
+def test_cudnn_attention_check_falls_back_where_it_cannot_run(monkeypatch, capsys):
+    """cudnn_causal_works() runs the kernel once; on the CPU there is no cuDNN attention, so the verdict is no,
+    with a note, and it is kept."""
+    monkeypatch.setattr(fused_layer, "_cudnn_checked", {})
+    assert fused_layer.cudnn_causal_works("cpu", torch.float32, 16) is False
+    assert "not cuDNN" in capsys.readouterr().err
+    assert fused_layer.cudnn_causal_works("cpu", torch.float32, 16) is False and not capsys.readouterr().err
+    assert fused_layer.cudnn_causal_on("cpu") is False

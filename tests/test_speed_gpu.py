@@ -387,3 +387,57 @@ def test_packed_rows_attend_by_segment_with_flash_attention(checkpointing):
     print("loss by segment", l0, "with the mask", l1, "grad rel diff", ((g1 - g0).norm() / g0.norm()).item())
     assert abs(l0 - l1) < 2e-3 * abs(l1)
     assert ((g1 - g0).norm() / g0.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_unpacked_rows_attend_through_cudnn_on_hopper(checkpointing, monkeypatch):
+    """Rows of one example each (packed_collate passes no position ids): the decoder stack's hook hands the
+    fused layers plain causal attention without transformers' mask code, and on a Hopper GPU they run sdpa's
+    cuDNN kernel (seen in the profile). Loss and adapter gradients equal those of flash attention (the same
+    step with cuDNN not picked) within bf16 rounding."""
+    from peft import get_peft_model
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import LlamaForCausalLM
+
+    from utils import fused_layer, speed
+    monkeypatch.setattr(fused_layer, "_causal_shapes", set())
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(_config(), dtype=torch.bfloat16)
+    config = speed.lora_config(16, r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                               task_type="CAUSAL_LM", init_lora_weights=False)
+    model = get_peft_model(model, config).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    sp = speed.TrainingSpeedups(model)
+    assert sp.layers == 3 and sp.mask_hook is not None
+    g = torch.Generator().manual_seed(4)
+    examples = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 512, (4, 128), generator=g).tolist()]
+    batch = speed.packed_collate(row_tokens=128)(examples)
+    assert "position_ids" not in batch and "cu_seq_lens_q" not in batch
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    labels = batch.pop("labels")
+    hopper = fused_layer.cudnn_causal_on(torch.device("cuda")) \
+        and fused_layer.cudnn_causal_works(torch.device("cuda"), torch.bfloat16, 64)
+    results = []
+    for cudnn in (True, False):
+        if not cudnn:
+            monkeypatch.setattr(fused_layer, "causal_attention", lambda hidden_states, head_dim: None)
+        model.zero_grad(set_to_none=True)
+        model(**batch).logits.float().sum().backward()  # compiles first
+        model.zero_grad(set_to_none=True)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            logits = model(**batch).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     labels[:, 1:].reshape(-1), ignore_index=-100)
+            loss.backward()
+            torch.cuda.synchronize()
+        ops = {e.name for e in prof.events()}
+        assert not [n for n in ops if "efficient_attention" in n], sorted(ops)  # no masked kernel
+        assert any("cudnn_attention" in n for n in ops) is (cudnn and hopper), sorted(ops)
+        grads = torch.cat([p.grad.float().flatten() for _, p in sorted(model.named_parameters()) if p.requires_grad])
+        results.append((loss.item(), grads))
+    (l0, g0), (l1, g1) = results
+    print("hopper", hopper, "loss cuDNN", l0, "flash", l1, "grad rel diff", ((g1 - g0).norm() / g0.norm()).item())
+    assert abs(l0 - l1) < 2e-3 * abs(l1)
+    assert ((g1 - g0).norm() / g0.norm()).item() < 2e-2

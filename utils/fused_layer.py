@@ -21,6 +21,10 @@ eagerly, so CPU tests run the same code.
 - Packed rows (utils/speed.py: packed_collate) bring where each example starts; on a GPU attention then runs
   within each example through flash attention over those starts (segments()), not over whole rows with
   transformers' block-diagonal mask, which stays the path elsewhere.
+- Under utils/speed.py's TrainingSpeedups the decoder stack takes its attention mask from what the batch says
+  (attention_mask_hook), so transformers' mask code does not stop the CPU at every forward pass to read the
+  position ids back from the GPU. Unpacked rows of repeating shapes on a Hopper GPU attend through sdpa's cuDNN
+  kernel, elsewhere through flash attention (causal_attention()).
 
 FastDecoderLayer keeps the same child modules under the same names as the layer it replaces, so state dicts,
 adapter files and peft's calls are unchanged. It runs the fused function only when that computes what the
@@ -34,6 +38,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from utils import nf4_kernel
 from utils.speed import _Fused, _FusedLoraMixin, _rms_norm, _rope, _silu_mul, compile_available
@@ -362,6 +367,138 @@ def segments(hidden_states, kwargs, head_dim, scaling):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Causal attention of unpacked rows through cuDNN, where the shapes repeat
+# ---------------------------------------------------------------------------------------------------------
+
+# `mask` value for the fused layer: causal attention through sdpa's cuDNN kernel. On an H200 it ran a 7B layer's
+# attention (8 x 512 tokens, forward + backward) in 0.20 ms against flash attention's 0.44 (BENCHMARKS.md). But
+# cuDNN builds a plan for each new shape, so it is used only while training has seen at most CUDNN_SHAPES
+# shapes of unpacked rows: fixed-length rows get it from the first step; rows whose length keeps changing go
+# back to flash attention for good (one more compile of the layer in each grad mode).
+CUDNN_CAUSAL = "causal attention through cuDNN"
+CUDNN_SHAPES = 2
+_causal_shapes = set()
+_cudnn_checked = {}
+
+
+def cudnn_causal_on(device):
+    """Whether cuDNN causal attention is tried on `device`: an NVIDIA Hopper GPU (compute capability 9.x, where
+    it was measured) with cuDNN, in a torch whose sdpa has the backend."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.version.hip is None and hasattr(SDPBackend, "CUDNN_ATTENTION") \
+        and torch.backends.cudnn.is_available() and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def cudnn_causal_works(device, dtype, head_dim):
+    """Whether sdpa's cuDNN kernel runs causal attention here and computes what the math kernel computes,
+    forward and backward: checked once per (device, dtype, head size), so that a build where it fails keeps
+    flash attention (with a note) instead of stopping a training step."""
+    key = (str(device), dtype, head_dim)
+    if key not in _cudnn_checked:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(2, 4, 64, head_dim, generator=g).to(device, dtype).requires_grad_() for _ in "qkv")
+        try:
+            with torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):
+                with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+                ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+                ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+            same = torch.allclose(out.float(), ref, atol=2e-2, rtol=2e-2) and all(
+                torch.allclose(a.float(), b.float(), atol=2e-2 * max(1.0, b.abs().max().item()), rtol=2e-2)
+                for a, b in zip(grads, ref_grads))
+            problem = None if same else "its result differs from the math kernel's"
+        except Exception as e:  # a build or GPU without the kernel
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if problem:
+            print(f"note: causal attention uses flash attention here, not cuDNN ({problem})", file=sys.stderr,
+                  flush=True)
+        _cudnn_checked[key] = problem is None
+    return _cudnn_checked[key]
+
+
+def causal_attention(hidden_states, head_dim):
+    """The fused layer's `mask` for unpacked rows: None (sdpa's causal kernel as torch picks it; cuDNN is
+    switched off in training by utils/speed.py) or CUDNN_CAUSAL, by the rule above."""
+    batch, seq = hidden_states.shape[:2]
+    if seq < 2 or hidden_states.dtype not in (torch.bfloat16, torch.float16) or head_dim % 8 or head_dim > 128 \
+            or not cudnn_causal_on(hidden_states.device):
+        return None
+    if len(_causal_shapes) <= CUDNN_SHAPES:
+        _causal_shapes.add((batch, seq))
+    if len(_causal_shapes) > CUDNN_SHAPES \
+            or not cudnn_causal_works(hidden_states.device, hidden_states.dtype, head_dim):
+        return None
+    return CUDNN_CAUSAL
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention masks made without waiting for the GPU
+# ---------------------------------------------------------------------------------------------------------
+
+# transformers' mask code (create_causal_mask) reads the position ids on the CPU to tell packed rows from
+# unpacked ones (or a 2-D mask, to see whether it pads anything): one wait for the GPU at every forward pass,
+# so the CPU starts each step's forward pass with nothing queued ahead of the GPU. Where the batch itself says
+# what it is (packed_collate: no position ids for unpacked rows; where each segment starts for packed rows),
+# attention_mask_hook passes the mask ready-made instead; transformers uses a 4-D mask as given.
+_causal_masks = {}
+
+
+def plain_causal_mask(batch, length, device):
+    """A (batch, 1, length, length) boolean causal mask (True = attends), a view of one cached (length, length)
+    mask, marked as plain causal: fused layers then run sdpa's causal kernels, not the masked ones."""
+    key = (str(device), length)
+    if key not in _causal_masks:
+        if len(_causal_masks) >= 4:
+            _causal_masks.clear()
+        _causal_masks[key] = torch.ones(length, length, dtype=torch.bool, device=device).tril_()
+    mask = _causal_masks[key].expand(batch, 1, length, length)
+    mask.plain_causal = True
+    return mask
+
+
+def is_plain_causal(mask):
+    return mask is not None and getattr(mask, "plain_causal", False)
+
+
+def block_causal_mask(position_ids):
+    """The (batch, 1, length, length) boolean mask transformers makes for packed rows: each token attends to
+    the tokens before it within its own segment, a segment starting wherever the position id does not follow
+    on from the one before. Computed on the GPU, without reading anything back."""
+    follows = position_ids[:, 1:] == position_ids[:, :-1] + 1
+    segment = torch.cat((torch.zeros_like(follows[:, :1]), ~follows), dim=1).cumsum(-1)
+    length = position_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril_()
+    return ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]
+
+
+def attention_mask_hook(module, args, kwargs):
+    """Forward pre-hook (with kwargs) of a decoder stack whose layers are FastDecoderLayers, with sdpa
+    attention: without an attention mask, a cache or positional arguments, it passes the mask itself: plain
+    causal when there are no position ids, block-diagonal when packed_collate says where segments start
+    (cu_seq_lens_q). Anything else goes to transformers unchanged."""
+    if args or kwargs.get("attention_mask") is not None or kwargs.get("past_key_values") is not None \
+            or kwargs.get("cache") is not None or getattr(module.config, "_attn_implementation", None) != "sdpa":
+        return None
+    use_cache = kwargs.get("use_cache")
+    if use_cache or (use_cache is None and getattr(module.config, "use_cache", False)):
+        return None
+    tokens = kwargs.get("input_ids")
+    tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
+    if tokens is None:
+        return None
+    batch, length = tokens.shape[:2]
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        mask = plain_causal_mask(batch, length, tokens.device)
+    elif isinstance(kwargs.get("cu_seq_lens_q"), torch.Tensor) and positions.shape == (batch, length):
+        mask = block_causal_mask(positions.to(tokens.device))
+    else:
+        return None
+    return args, {**kwargs, "attention_mask": mask}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The decoder layer as one function
 # ---------------------------------------------------------------------------------------------------------
 
@@ -383,6 +520,9 @@ def _attention(h, cos, sin, mask, norm1, consts, q, k, v):
         def tokens(t):
             return t.transpose(1, 2).reshape(batch * seq, n_heads, head_dim)
         attn = _segment_attention(tokens(qs), tokens(ks), tokens(vs), *mask, scaling)
+    elif isinstance(mask, str):  # CUDNN_CAUSAL
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            attn = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling).transpose(1, 2)
     else:
         attn = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None and seq > 1,
                                               scale=scaling).transpose(1, 2)
@@ -397,8 +537,8 @@ def _mlp_input(middle, norm2, eps2, gate, up):
 def decoder_layer_and_middle(h, cos, sin, mask, norm1, norm2, consts, q, k, v, o, gate, up, down):
     """LlamaDecoderLayer.forward without a cache (pre-norm attention and SwiGLU MLP, each with a residual), and
     its residual stream between the two (what a checkpointed layer keeps besides its input). `mask`: None
-    (causal), a 4-D attention mask, or (cumulative segment lengths, longest segment) from segments() for packed
-    rows (flash attention by segment)."""
+    (causal), CUDNN_CAUSAL (causal, through cuDNN), a 4-D attention mask, or (cumulative segment lengths,
+    longest segment) from segments() for packed rows (flash attention by segment)."""
     middle = h + _project(_attention(h, cos, sin, mask, norm1, consts, q, k, v), (o,))[0]
     return middle + _project(_mlp_input(middle, norm2, consts[5], gate, up), (down,))[0], middle
 
@@ -586,6 +726,8 @@ class FastDecoderLayer(nn.Module):
         if attention_mask is not None and attention_mask.dim() != 4:
             return None
         packed = segments(hidden_states, kwargs, attn.head_dim, float(attn.scaling))
+        if packed is None and (attention_mask is None or is_plain_causal(attention_mask)):
+            attention_mask = causal_attention(hidden_states, attn.head_dim) if self.training else None
         projections = []
         for parent, name in PROJECTIONS:
             p = projection_args(getattr(getattr(self, parent), name))

@@ -530,7 +530,8 @@ def packed_collate(row_tokens=None, logits_to_keep=None):
     padding, none of the padding. With row_tokens, examples fill rows of at most that many tokens in order
     (one that is longer gets a row of its own); shorter rows end in a filler segment of its own (position ids
     from 0, no labels). Equal-length examples of row_tokens each make one row with no reset at all, which
-    keeps plain causal attention (flash kernels).
+    keeps plain causal attention (sdpa's causal kernels) and passes no position ids (0, 1, ... as transformers
+    makes them without).
 
     Where a row holds several segments, the batch also says where each segment starts among all the rows'
     tokens (`cu_seq_lens_q` / `_k`, int32, and `max_length_q` / `_k`, the longest segment: the names
@@ -561,9 +562,9 @@ def packed_collate(row_tokens=None, logits_to_keep=None):
             positions.append(pos + list(range(fill)))
             if fill:
                 lengths.append(fill)
-        out = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-               "position_ids": torch.tensor(positions), "use_cache": False}
+        out = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "use_cache": False}
         if len(lengths) > len(rows):  # some row holds several segments: where they start, for attention by segment
+            out["position_ids"] = torch.tensor(positions)
             starts = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
             out.update(cu_seq_lens_q=starts, cu_seq_lens_k=starts, max_length_q=max(lengths),
                        max_length_k=max(lengths))
@@ -607,11 +608,16 @@ class TrainingSpeedups:
         the chunked loss (in the output layer's own unit where possible), checkpointed layer inputs parked in CPU
         memory through saved-tensor hooks. The fused decoder layers and LoRA projections are left out: they
         read the base weights and the adapters directly rather than through the modules FSDP wraps."""
-        from utils.fused_layer import fuse_decoder_layers
+        from utils.fused_layer import attention_mask_hook, fuse_decoder_layers
         causal_lm(model).config.use_cache = False  # training never reads a KV cache; the fused layers need none
         self.fsdp = fsdp
         self.norms, self.mlps = fuse_modules(model)
         self.layers = 0 if fsdp else fuse_decoder_layers(model, park_inputs=park_inputs)
+        # the decoder stack gets its attention masks from the batch, not by reading position ids back from the
+        # GPU (fused_layer.attention_mask_hook)
+        stack = getattr(causal_lm(model), "model", None)
+        self.mask_hook = stack.register_forward_pre_hook(attention_mask_hook, with_kwargs=True) \
+            if self.layers and isinstance(getattr(stack, "layers", None), nn.ModuleList) else None
         self.park_inputs = park_inputs and torch.cuda.is_available()
         problem = fused_loss_problem(model)
         # under FSDP, with the chunked loss, the input and output layers become units of their own (the loss is
@@ -625,7 +631,8 @@ class TrainingSpeedups:
         self.packing = packing
         self.fused_lora = sum(isinstance(m, _FusedLoraMixin) for m in model.modules())
         # cuDNN attention (PyTorch's first choice on H100) builds a new plan for every new sequence length,
-        # which packed and padded batches bring at nearly every step; flash / memory-efficient kernels don't
+        # which packed and padded batches bring at nearly every step; flash / memory-efficient kernels don't.
+        # The fused layers still pick it for unpacked rows while their shapes repeat (fused_layer.CUDNN_SHAPES)
         self.cudnn_attention_off = torch.cuda.is_available() and torch.backends.cuda.cudnn_sdp_enabled()
         if self.cudnn_attention_off:
             torch.backends.cuda.enable_cudnn_sdp(False)
@@ -658,10 +665,13 @@ class TrainingSpeedups:
                     f"{', the input and output layers in FSDP units of their own' if self.own_end_units else ''}"
                     "; the fused decoder layers and LoRA projections are off (they read weights that FSDP "
                     "flattens and shards)")
-        from utils.fused_layer import flash_by_segment_on
+        from utils.fused_layer import cudnn_causal_on, flash_by_segment_on
         by_example = ", flash attention within each example" if self.layers and torch.cuda.is_available() \
             and flash_by_segment_on(torch.cuda.current_device()) else ""
+        cudnn = " (but in the fused layers for unpacked rows of repeating shapes)" if self.layers \
+            and self.cudnn_attention_off and cudnn_causal_on(torch.cuda.current_device()) else ""
         return (f"speed-ups: fused LoRA forward in {self.fused_lora} layers, fused RMSNorm x{self.norms} and "
                 f"SwiGLU x{self.mlps} ({kernels}), {layers}, {self.loss_note}, "
                 f"{f'packed micro-batches (no padding{by_example})' if self.packing else 'padded micro-batches'}"
-                f"{', cuDNN attention off' if self.cudnn_attention_off else ''}")
+                f"{', cuDNN attention off' if self.cudnn_attention_off else ''}"
+                f"{cudnn}")
