@@ -475,6 +475,15 @@ def test_training_masks_come_from_the_batch_without_waiting_for_the_gpu(gqa_fold
         assert all(m.dim() == 4 and not m.all() for m in masks)  # the block-diagonal mask, on the CPU
 
 
+def test_no_mask_hook_unless_every_layer_is_fused(gqa_folder, monkeypatch):
+    """A layer left as it was may need a mask of its own (a sliding window's, say), which the hook's masks would
+    replace: with one of the two layers not fused, TrainingSpeedups adds no hook."""
+    same = iter([True, False])
+    monkeypatch.setattr(fused_layer, "_same_output", lambda layer: next(same))
+    sp = speed.TrainingSpeedups(_load(gqa_folder, 16))
+    assert sp.layers == 1 and sp.mask_hook is None
+
+
 def test_hook_leaves_other_calls_to_transformers(gqa_folder):
     """attention_mask_hook changes nothing where the batch does not say what its mask is: a 2-D attention
     mask, position ids without segment starts, a cache, generation settings, eager attention."""

@@ -608,16 +608,19 @@ class TrainingSpeedups:
         the chunked loss (in the output layer's own unit where possible), checkpointed layer inputs parked in CPU
         memory through saved-tensor hooks. The fused decoder layers and LoRA projections are left out: they
         read the base weights and the adapters directly rather than through the modules FSDP wraps."""
-        from utils.fused_layer import attention_mask_hook, fuse_decoder_layers
+        from utils.fused_layer import FastDecoderLayer, attention_mask_hook, fuse_decoder_layers
         causal_lm(model).config.use_cache = False  # training never reads a KV cache; the fused layers need none
         self.fsdp = fsdp
         self.norms, self.mlps = fuse_modules(model)
         self.layers = 0 if fsdp else fuse_decoder_layers(model, park_inputs=park_inputs)
         # the decoder stack gets its attention masks from the batch, not by reading position ids back from the
-        # GPU (fused_layer.attention_mask_hook)
+        # GPU (fused_layer.attention_mask_hook); only where every layer is fused, each computing full causal
+        # attention (a layer left as it was might want another mask, a sliding window's say)
         stack = getattr(causal_lm(model), "model", None)
+        layers = getattr(stack, "layers", None)
         self.mask_hook = stack.register_forward_pre_hook(attention_mask_hook, with_kwargs=True) \
-            if self.layers and isinstance(getattr(stack, "layers", None), nn.ModuleList) else None
+            if self.layers and isinstance(layers, nn.ModuleList) \
+            and all(isinstance(layer, FastDecoderLayer) for layer in layers) else None
         self.park_inputs = park_inputs and torch.cuda.is_available()
         problem = fused_loss_problem(model)
         # under FSDP, with the chunked loss, the input and output layers become units of their own (the loss is
