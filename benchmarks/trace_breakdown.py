@@ -41,7 +41,7 @@ def load_events(path):
                                                                                         "cuda_driver")]
 
 
-def lead(events, top=5):
+def lead(events):
     """How far ahead of the GPU the CPU ran: for each kernel, the time from its launch call on the CPU to its
     start on the GPU (matched by correlation id). Where that is near zero the GPU waits for the CPU; the
     smallest figures over a step are the slack that more CPU work per step would use up."""

@@ -312,6 +312,36 @@ def flash_by_segment_on(device):
         and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+def _kernel_problem(kernel, reference, inputs, differs):
+    """None where kernel(*inputs) computes what reference computes on the inputs in fp32, forward and backward
+    (gradients on even inside no_grad or autocast: the first call may come in an evaluation pass); else what
+    went wrong: `differs`, or the error it raised (a build or GPU without the kernel)."""
+    try:
+        with torch.enable_grad(), torch.autocast(inputs[0].device.type, enabled=False):
+            out = kernel(*inputs)
+            grads = torch.autograd.grad(out.float().square().sum(), inputs)
+            ref = reference(*(t.float() for t in inputs))
+            ref_grads = torch.autograd.grad(ref.square().sum(), inputs)
+        tol = 2e-2 if inputs[0].dtype in (torch.bfloat16, torch.float16) else 1e-4
+        same = torch.allclose(out.float(), ref, atol=tol, rtol=tol) and all(
+            torch.allclose(a.float(), b.float(), atol=tol * max(1.0, b.abs().max().item()), rtol=tol)
+            for a, b in zip(grads, ref_grads))
+        return None if same else differs
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _checked(verdicts, key, check, note):
+    """verdicts[key], from check() (a problem or None) the first time, with `note` and the problem on stderr
+    where there is one."""
+    if key not in verdicts:
+        problem = check()
+        if problem:
+            print(f"note: {note} ({problem})", file=sys.stderr, flush=True)
+        verdicts[key] = problem is None
+    return verdicts[key]
+
+
 _flash_checked = {}
 
 
@@ -319,29 +349,15 @@ def flash_by_segment_works(device, dtype, head_dim):
     """Whether flash attention by segment runs here and computes what sdpa computes on each segment alone:
     checked once per (device, dtype, head size) on two short segments, forward and backward, so that a GPU or
     build where it fails keeps the mask path (with a note) instead of stopping the first training step."""
-    key = (str(device), dtype, head_dim)
-    if key not in _flash_checked:
+    def check():
         g = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(16, 2, head_dim, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+        qkv = tuple(torch.randn(16, 2, head_dim, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
         starts = torch.tensor([0, 5, 16], dtype=torch.int32, device=device)
-        try:  # (the first packed batch may come in an evaluation pass, without gradients or under autocast)
-            with torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):
-                out = _segment_attention(q, k, v, starts, 11, head_dim ** -0.5)
-                grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
-                ref = sdpa_by_segment(q.float(), k.float(), v.float(), starts, head_dim ** -0.5)
-                ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
-            tol = 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
-            same = torch.allclose(out.float(), ref, atol=tol, rtol=tol) and all(
-                torch.allclose(a.float(), b.float(), atol=tol * max(1.0, b.abs().max().item()), rtol=tol)
-                for a, b in zip(grads, ref_grads))
-            problem = None if same else "its result differs from sdpa's on each example alone"
-        except Exception as e:  # a build or GPU without this kernel
-            problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        if problem:
-            print(f"note: packed rows use the block-diagonal mask here, not flash attention by example ({problem})",
-                  file=sys.stderr, flush=True)
-        _flash_checked[key] = problem is None
-    return _flash_checked[key]
+        return _kernel_problem(lambda q, k, v: _segment_attention(q, k, v, starts, 11, head_dim ** -0.5),
+                               lambda q, k, v: sdpa_by_segment(q, k, v, starts, head_dim ** -0.5), qkv,
+                               "its result differs from sdpa's on each example alone")
+    return _checked(_flash_checked, (str(device), dtype, head_dim), check,
+                    "packed rows use the block-diagonal mask here, not flash attention by example")
 
 
 def segments(hidden_states, kwargs, head_dim, scaling):
@@ -393,28 +409,17 @@ def cudnn_causal_works(device, dtype, head_dim):
     """Whether sdpa's cuDNN kernel runs causal attention here and computes what the math kernel computes,
     forward and backward: checked once per (device, dtype, head size), so that a build where it fails keeps
     flash attention (with a note) instead of stopping a training step."""
-    key = (str(device), dtype, head_dim)
-    if key not in _cudnn_checked:
+    def cudnn(q, k, v):
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def check():
         g = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(2, 4, 64, head_dim, generator=g).to(device, dtype).requires_grad_() for _ in "qkv")
-        try:
-            with torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):
-                with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-                grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
-                ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
-                ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
-            same = torch.allclose(out.float(), ref, atol=2e-2, rtol=2e-2) and all(
-                torch.allclose(a.float(), b.float(), atol=2e-2 * max(1.0, b.abs().max().item()), rtol=2e-2)
-                for a, b in zip(grads, ref_grads))
-            problem = None if same else "its result differs from the math kernel's"
-        except Exception as e:  # a build or GPU without the kernel
-            problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        if problem:
-            print(f"note: causal attention uses flash attention here, not cuDNN ({problem})", file=sys.stderr,
-                  flush=True)
-        _cudnn_checked[key] = problem is None
-    return _cudnn_checked[key]
+        qkv = tuple(torch.randn(2, 4, 64, head_dim, generator=g).to(device, dtype).requires_grad_() for _ in "qkv")
+        return _kernel_problem(cudnn, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                               qkv, "its result differs from the math kernel's")
+    return _checked(_cudnn_checked, (str(device), dtype, head_dim), check,
+                    "causal attention uses flash attention here, not cuDNN")
 
 
 def causal_attention(hidden_states, head_dim):
@@ -444,21 +449,26 @@ def causal_attention(hidden_states, head_dim):
 _causal_masks = {}
 
 
-def plain_causal_mask(batch, length, device):
-    """A (batch, 1, length, length) boolean causal mask (True = attends), a view of one cached (length, length)
-    mask, marked as plain causal: fused layers then run sdpa's causal kernels, not the masked ones."""
+def _causal(length, device):
+    """The (length, length) boolean causal mask (True = attends), cached for the last few lengths."""
     key = (str(device), length)
     if key not in _causal_masks:
         if len(_causal_masks) >= 4:
             _causal_masks.clear()
         _causal_masks[key] = torch.ones(length, length, dtype=torch.bool, device=device).tril_()
-    mask = _causal_masks[key].expand(batch, 1, length, length)
+    return _causal_masks[key]
+
+
+def plain_causal_mask(batch, length, device):
+    """A (batch, 1, length, length) boolean causal mask, a view of the cached one, marked as plain causal:
+    fused layers then run sdpa's causal kernels, not the masked ones."""
+    mask = _causal(length, device).expand(batch, 1, length, length)
     mask.plain_causal = True
     return mask
 
 
 def is_plain_causal(mask):
-    return mask is not None and getattr(mask, "plain_causal", False)
+    return getattr(mask, "plain_causal", False)
 
 
 def block_causal_mask(position_ids):
@@ -467,8 +477,7 @@ def block_causal_mask(position_ids):
     on from the one before. Computed on the GPU, without reading anything back."""
     follows = position_ids[:, 1:] == position_ids[:, :-1] + 1
     segment = torch.cat((torch.zeros_like(follows[:, :1]), ~follows), dim=1).cumsum(-1)
-    length = position_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril_()
+    causal = _causal(position_ids.shape[1], position_ids.device)
     return ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]
 
 
