@@ -5,7 +5,11 @@
 
 Prints the GPU time per kind of kernel (large GEMMs, small GEMMs, Triton kernels, attention, NF4
 dequantization, copies, ...), the time no kernel ran, and which kernels the longest idle gaps follow. Kernels on
-every stream count; time when two streams overlap counts once in the busy total.
+every stream count; time when two streams overlap counts once in the busy total. Where the trace has the CUDA
+launch calls (torch.profiler records them): how far ahead of the GPU the CPU ran, and of the gaps between one
+stream's kernels, how much the GPU waited for the CPU and how much it lost with the next kernel already queued.
+A trace from `bench_train.py --profile --no-profile_cpu` slows the CPU least, so its gaps are the nearest to
+an unprofiled step's.
 """
 
 import argparse
@@ -54,6 +58,38 @@ def lead(events):
     pick = lambda q: leads[min(len(leads) - 1, int(q * len(leads)))]  # noqa: E731
     print(f"CPU lead over the GPU at kernel launch (ms): min {leads[0]:.2f}, 5% {pick(0.05):.2f}, "
           f"25% {pick(0.25):.2f}, median {pick(0.5):.2f}, max {leads[-1]:.2f} ({len(leads)} kernels)")
+
+
+def gap_causes(events, steps=1):
+    """Why the GPU stood still between consecutive kernels of one stream: the next kernel's launch call came
+    after the previous kernel had finished (the GPU waited for the CPU), or it was already queued (the gap is
+    the GPU's own start-up cost per kernel, or a wait on another stream). Per step, in ms, with the counts."""
+    launches = {e["args"]["correlation"]: e["ts"] for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")
+                and "correlation" in e.get("args", {})}
+    streams = collections.defaultdict(list)
+    for e in events:
+        if e.get("cat") == "kernel":
+            streams[e.get("args", {}).get("stream")].append(e)
+    late = queued = 0.0
+    n_late = n_queued = 0
+    small = 0.0  # queued gaps under 10 us: the per-kernel cost that fewer kernels would save
+    for kernels in streams.values():
+        kernels.sort(key=lambda e: e["ts"])
+        for before, e in zip(kernels, kernels[1:]):
+            gap = e["ts"] - (before["ts"] + before["dur"])
+            if gap <= 0:
+                continue
+            launched = launches.get(e.get("args", {}).get("correlation"))
+            if launched is not None and launched >= before["ts"] + before["dur"]:
+                late, n_late = late + gap, n_late + 1
+            else:
+                queued, n_queued = queued + gap, n_queued + 1
+                small += gap if gap < 10 else 0.0
+    if n_late + n_queued == 0:
+        return
+    print(f"gaps within a stream, per step: the GPU waited for the CPU {late / 1e3 / steps:.1f} ms "
+          f"({n_late / steps:.0f} gaps); the next kernel was already queued {queued / 1e3 / steps:.1f} ms "
+          f"({n_queued / steps:.0f} gaps, {small / 1e3 / steps:.1f} ms of them under 10 us each)")
 
 
 def kind(name, dur_us, big_gemm_us):
@@ -121,6 +157,7 @@ def main():
     breakdown([e for e in events if e.get("cat") not in ("cuda_runtime", "cuda_driver")], args.steps,
               args.big_gemm_us)
     lead(events)
+    gap_causes(events, args.steps)
 
 
 if __name__ == "__main__":

@@ -135,6 +135,44 @@ def test_trace_breakdown_sorts_kernels_and_finds_idle_time(tmp_path, capsys):
     assert "0.0 ms  nf4 dequant | _dequantize_nf4_kernel" in out  # the 20 us one the dequantization
 
 
+def test_trace_breakdown_tells_gaps_the_cpu_caused_from_queued_ones(capsys):
+    """trace_breakdown.gap_causes: a gap after which the next kernel was launched only once the GPU had
+    finished (the GPU waited for the CPU) counts apart from one whose kernel was already queued; streams apart."""
+    import trace_breakdown
+
+    def kernel(corr, ts, dur, stream=7):
+        return {"cat": "kernel", "name": f"k{corr}", "ts": ts, "dur": dur, "args": {"correlation": corr,
+                                                                                  "stream": stream}}
+
+    def launch(corr, ts):
+        return {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 1, "args": {"correlation": corr}}
+
+    events = [launch(1, 0), kernel(1, 5, 10),  # ends at 15
+              launch(2, 2), kernel(2, 18, 10),  # queued at 2: a 3 us gap the GPU made itself; ends at 28
+              launch(3, 40), kernel(3, 45, 10),  # launched at 40, after k2 ended: 17 us waiting for the CPU
+              launch(4, 41), kernel(4, 100, 5, stream=9)]  # alone on its stream: no gap
+    trace_breakdown.gap_causes(events, steps=1)
+    out = capsys.readouterr().out
+    assert "the GPU waited for the CPU 0.0 ms (1 gaps)" in out
+    assert "already queued 0.0 ms (1 gaps, 0.0 ms of them under 10 us each)" in out
+    capsys.readouterr()
+    trace_breakdown.gap_causes([dict(e, ts=e["ts"] * 1000, dur=e["dur"] * 1000) for e in events], steps=1)
+    out = capsys.readouterr().out  # the same trace with times x 1000: 17 ms late, 3 ms queued (not under 10 us)
+    assert "waited for the CPU 17.0 ms (1 gaps)" in out and "already queued 3.0 ms (1 gaps, 0.0 ms" in out
+
+
+def test_train_profile_without_cpu_ops_still_runs_without_a_gpu(capsys):
+    """bench_train --no-profile_cpu records only GPU activity; on a machine without a GPU (this one, in CI)
+    that would be nothing, so the CPU ops are recorded as with the default."""
+    import bench_train
+    import torch
+    assert bench_train.parse_args(["--no-profile_cpu"]).profile_cpu is False
+    assert bench_train.parse_args([]).profile_cpu is True
+    bench_train.profile(lambda batch: torch.ones(64).mul(batch).sum().item(), 2.0, "tiny", cpu=False)
+    out = capsys.readouterr().out
+    assert "=== profile: tiny (2 steps) ===" in out and "aten::mul" in out
+
+
 def test_train_benchmark_flags_compiling_inside_the_timed_steps():
     """A step that compiles something new after the warm-up (here: a new shape at every step, with dynamic
     shapes off) is counted, and the table says that figure includes compile time."""
