@@ -34,24 +34,29 @@ KINDS = [
     ("elementwise (aten)", r"elementwise|vectorized|unrolled|index|Cat|copy"),
 ]
 
+LAUNCHES = ("cuda_runtime", "cuda_driver")  # the categories of the CPU's CUDA calls (kernel launches among them)
+
 
 def load_events(path):
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as f:
         trace = json.load(f)
-    return [e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy",
-                                                                                        "gpu_memset",
-                                                                                        "cuda_runtime",
-                                                                                        "cuda_driver")]
+    return [e for e in trace["traceEvents"] if e.get("ph") == "X"
+            and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") + LAUNCHES]
+
+
+def launch_times(events):
+    """{correlation id: CPU time of the CUDA call} for the launch calls in `events`."""
+    return {e["args"]["correlation"]: e["ts"] for e in events
+            if e.get("cat") in LAUNCHES and "correlation" in e.get("args", {})}
 
 
 def lead(events):
     """How far ahead of the GPU the CPU ran: for each kernel, the time from its launch call on the CPU to its
     start on the GPU (matched by correlation id). Where that is near zero the GPU waits for the CPU; the
     smallest figures over a step are the slack that more CPU work per step would use up."""
-    launches = {e["args"]["correlation"]: e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")
-                and "correlation" in e.get("args", {})}
-    leads = sorted((e["ts"] - launches[e["args"]["correlation"]]["ts"]) / 1e3 for e in events
+    launches = launch_times(events)
+    leads = sorted((e["ts"] - launches[e["args"]["correlation"]]) / 1e3 for e in events
                    if e.get("cat") == "kernel" and e.get("args", {}).get("correlation") in launches)
     if not leads:
         return
@@ -64,8 +69,7 @@ def gap_causes(events, steps=1):
     """Why the GPU stood still between consecutive kernels of one stream: the next kernel's launch call came
     after the previous kernel had finished (the GPU waited for the CPU), or it was already queued (the gap is
     the GPU's own start-up cost per kernel, or a wait on another stream). Per step, in ms, with the counts."""
-    launches = {e["args"]["correlation"]: e["ts"] for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")
-                and "correlation" in e.get("args", {})}
+    launches = launch_times(events)
     streams = collections.defaultdict(list)
     for e in events:
         if e.get("cat") == "kernel":
@@ -154,8 +158,7 @@ def main():
     p.add_argument("--big_gemm_us", type=float, default=100.0, help="GEMMs at least this long count as large")
     args = p.parse_args()
     events = load_events(args.trace)
-    breakdown([e for e in events if e.get("cat") not in ("cuda_runtime", "cuda_driver")], args.steps,
-              args.big_gemm_us)
+    breakdown([e for e in events if e.get("cat") not in LAUNCHES], args.steps, args.big_gemm_us)
     lead(events)
     gap_causes(events, args.steps)
 

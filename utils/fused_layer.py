@@ -406,7 +406,7 @@ def cudnn_causal_on(device):
 
 
 def cudnn_causal_works(device, dtype, head_dim):
-    """Whether sdpa's cuDNN kernel runs causal attention here and computes what the math kernel computes,
+    """Whether sdpa's cuDNN kernel runs causal attention here and computes what sdpa computes in fp32,
     forward and backward: checked once per (device, dtype, head size), so that a build where it fails keeps
     flash attention (with a note) instead of stopping a training step."""
     def cudnn(q, k, v):
@@ -417,7 +417,7 @@ def cudnn_causal_works(device, dtype, head_dim):
         g = torch.Generator().manual_seed(0)
         qkv = tuple(torch.randn(2, 4, 64, head_dim, generator=g).to(device, dtype).requires_grad_() for _ in "qkv")
         return _kernel_problem(cudnn, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                               qkv, "its result differs from the math kernel's")
+                               qkv, "its result differs from sdpa's in fp32")
     return _checked(_cudnn_checked, (str(device), dtype, head_dim), check,
                     "causal attention uses flash attention here, not cuDNN")
 
