@@ -72,6 +72,11 @@ def parse_args(argv=None):
     add_bool(g, "--speedups", True, "each decoder layer as one compiled function (fused LoRA over NF4, RMSNorm, "
              "SwiGLU; checkpointed inputs kept in CPU memory), a chunked loss on labelled tokens and packed "
              "micro-batches (utils/speed.py, utils/fused_layer.py; BENCHMARKS.md); --no-speedups = plain peft recipe")
+    g.add_argument("--keep_dequantized", default="auto", choices=("auto", "on", "off"),
+                   help="with --speedups and --no-gradient_checkpointing: keep each layer's dequantized 4-bit "
+                        "weights from the forward pass for the backward pass instead of dequantizing them again "
+                        "(~2%% faster on a 7B, ~390 MiB more per 7B layer); auto = as many layers as fit in 90%% of "
+                        "the GPU's memory, decided at the second step (none on a CPU) (default: auto)")
     g.add_argument("--logging_steps", type=int, default=None,
                    help="log the loss every N optimizer steps (default: 10, or fewer so a short run logs >= 10 "
                         "points)")
@@ -228,7 +233,7 @@ def main(args):
     trainable, total = model.get_nb_trainable_parameters()
     log(f"model: {args.base_model} ({info['path']}), {args.bits}-bit on {info['where']}; "
         f"LoRA r={args.lora_r} on {targets}: {trainable:,} trainable of {total:,} parameters")
-    speedups = speed.TrainingSpeedups(model) if fast else \
+    speedups = speed.TrainingSpeedups(model, keep_dequantized=args.keep_dequantized) if fast else \
         speed.TrainingSpeedups(model, fsdp=True) if fsdp_speedups else None
     log(speedups.describe() if speedups else "speed-ups: off (--no-speedups, an fp16 GPU, or ZeRO-3)")
     if speedups and speedups.fsdp_wrap:  # read by peft's FSDP wrap policy when the Trainer wraps the model

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -120,3 +122,19 @@ def test_profile_steps_writes_a_trace_and_a_table(tiny_llama_dir, tmp_path):
     steps = sorted({e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")})
     assert steps == ["ProfilerStep#1", "ProfilerStep#2"], steps  # the profiler's own count: steps 2 and 3
     assert summary["global_step"] == 4
+
+
+def test_keep_dequantized_trains_the_same_adapter(tiny_llama_dir, tmp_path):
+    """--keep_dequantized on (without checkpointing) reuses the forward pass's dequantized weights in the backward
+    pass: the same arithmetic, so on the CPU the same adapter, bit for bit, as --keep_dequantized off."""
+    from safetensors.torch import load_file
+    adapters = {}
+    for mode in ("on", "off"):
+        out = tmp_path / mode
+        log, _ = finetune(tiny_llama_dir, out, "--max_steps", "2", "--report_to", "none", "--no-gradient_checkpointing",
+                          "--keep_dequantized", mode)
+        said = "dequantized weights kept for the backward pass" if mode == "on" else "weights dequantized again"
+        assert said in log, log[-2000:]
+        adapters[mode] = load_file(str(out / "checkpoint-final" / "adapter_model.safetensors"))
+    assert adapters["on"].keys() == adapters["off"].keys() and adapters["on"]
+    assert all(torch.equal(adapters["on"][k], adapters["off"][k]) for k in adapters["on"])

@@ -162,21 +162,22 @@ def test_torch_dequantization_is_bitsandbytes_bit_for_bit(quant_type, nested, dt
         assert torch.equal(ours, bnb.dequantize_4bit(packed, state)), shape
 
 
-def _layer_inputs(layer):
-    """A random input for a FastDecoderLayer of the gqa model, its fused arguments, and what gradients flow to."""
+def _layer_inputs(layer, keep=False):
+    """A random input for a FastDecoderLayer of the gqa model, its fused arguments (`keep`: 4-bit weights kept
+    dequantized for the backward pass), and what gradients flow to."""
     g = torch.Generator().manual_seed(0)
     h = (torch.randn((2, 6, 128), generator=g) * 1e-2).requires_grad_()
     angles = torch.arange(6.0)[:, None] * torch.linspace(0, 1, 16)
     angles = torch.cat((angles, angles), dim=-1)[None]
-    args = layer.fused_args(h, None, (angles.cos(), angles.sin()), {})
+    args = layer.fused_args(h, None, (angles.cos(), angles.sin()), {}, keep=keep)
     return h, args, [h] + [t for p in args[6:] for t in p[:2] if t is not None]
 
 
-def _saved_by_compiled_layer(layer, functorch_config):
+def _saved_by_compiled_layer(layer, functorch_config, keep=False):
     """Runs the layer's fused function compiled (AOTAutograd with Inductor's partitioner, eager kernels: the CPU
     has no Triton) and returns the floating-point tensors it saved for the backward pass, and its gradients."""
     torch._dynamo.reset()
-    h, args, trainable = _layer_inputs(layer)
+    h, args, trainable = _layer_inputs(layer, keep)
     compiled = speed._Fused(fused_layer.decoder_layer, dynamic=None, functorch_config=functorch_config) \
         .compile(backend="aot_eager_decomp_partition")
     saved = []
@@ -207,6 +208,98 @@ def test_compiled_layer_saves_no_dequantized_weight(gqa_folder):
     eager = torch.autograd.grad(fused_layer.decoder_layer(h, *args).square().sum(), trainable)
     for a, b in zip(eager, grads):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max())
+
+
+@pytest.mark.parametrize("targets", ["all-linear", "q_proj,v_proj"])
+def test_kept_weights_are_read_once_and_give_the_same_gradients(gqa_folder, monkeypatch, targets):
+    """With keep, each NF4 weight is dequantized once, in the forward pass, and the backward pass reads the
+    saved copy: eagerly (no dequantization in the backward pass) and compiled with run_layer's settings (each
+    weight saved once). The gradients are those of the layer that dequantizes again. With adapters on every
+    projection (_LoraProjections) and on q/v only (the others through _Projection)."""
+    model = _load(gqa_folder, 4, targets if targets == "all-linear" else targets.split(","))
+    fused_layer.fuse_decoder_layers(model)
+    layer = model.base_model.model.model.layers[0]
+    shapes = sorted(tuple(getattr(getattr(layer, p), n).weight.quant_state.shape) for p, n in fused_layer.PROJECTIONS)
+    h, args, trainable = _layer_inputs(layer)
+    again = torch.autograd.grad(fused_layer.decoder_layer(h, *args).square().sum(), trainable)
+
+    read, real = [], fused_layer._weight
+    monkeypatch.setattr(fused_layer, "_weight", lambda spec, *a: read.append(tuple(spec[1])) or real(spec, *a))
+    h, args, trainable = _layer_inputs(layer, keep=True)
+    out = fused_layer.decoder_layer(h, *args)
+    assert sorted(read) == shapes
+    read.clear()
+    kept = torch.autograd.grad(out.square().sum(), trainable)
+    assert read == []  # nothing dequantized in the backward pass
+    monkeypatch.setattr(fused_layer, "_weight", real)
+    for a, b in zip(again, kept):
+        assert torch.equal(a, b)
+
+    saved, grads = _saved_by_compiled_layer(layer, fused_layer.run_layer.functorch_config, keep=True)
+    assert sorted(tuple(t.shape) for t in saved if tuple(t.shape) in set(shapes)) == shapes
+    for a, b in zip(again, grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max())
+
+
+def test_layers_that_fit_count_what_the_gpu_has_left():
+    gib = 2**30
+    # an 80 GiB card, 20 GiB reserved at the peak, 1 GiB held elsewhere: 0.9 x 80 - 1 - 20 = 51 GiB of room
+    assert fused_layer.layers_that_fit(gib // 2, 32, 80 * gib, 62 * gib, 17 * gib, 20 * gib, 0.9) == 32
+    assert fused_layer.layers_that_fit(2 * gib, 32, 80 * gib, 62 * gib, 17 * gib, 20 * gib, 0.9) == 25
+    # a 24 GiB card already near its share: nothing, never a negative count
+    assert fused_layer.layers_that_fit(gib // 2, 32, 24 * gib, 3 * gib, 20 * gib, 21.5 * gib, 0.9) == 0
+    assert fused_layer.layers_that_fit(gib // 2, 32, 24 * gib, 0, 24 * gib, 24 * gib, 0.9) == 0
+    assert fused_layer.layers_that_fit(0, 32, 80 * gib, 62 * gib, 17 * gib, 20 * gib, 0.9) == 0  # 16-bit bases
+
+
+def _dequantizations_per_step(model, monkeypatch, batch):
+    read, real = [], fused_layer._weight
+    monkeypatch.setattr(fused_layer, "_weight", lambda spec, *a: read.append(spec[0]) or real(spec, *a))
+    result = _step(model, batch)
+    monkeypatch.setattr(fused_layer, "_weight", real)
+    return read.count("nf4"), result
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_weight_keeping_modes(gqa_folder, monkeypatch, checkpointing):
+    """TrainingSpeedups(keep_dequantized=...): 'on' keeps every layer's weights (7 dequantizations per layer and
+    step instead of 14) with the same loss and gradients; 'off' keeps none; 'auto' keeps none in the first step
+    and decides at the second (on the CPU: none); with checkpointing nothing is kept in any mode."""
+    batch = dict(pad_collate(_Pad())(_examples()), use_cache=False)
+    runs = {}
+    for mode in ("off", "on", "auto"):
+        model = _load(gqa_folder, 4)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        sp = speed.TrainingSpeedups(model, keep_dequantized=mode)
+        assert sp.layers == 2 and sp.weight_keeping.mode == mode
+        runs[mode] = [_dequantizations_per_step(model, monkeypatch, batch) for _ in range(2)]
+        assert sp.weight_keeping.decided == (mode != "auto" or not checkpointing)  # auto: at the second step
+        assert sp.weight_keeping.kept == (2 if mode == "on" else 0)
+    off = 2 * (19 if checkpointing else 14)  # 2 layers; checkpointed: forward 7, recomputation 5, backward 7
+    assert [n for n, _ in runs["off"]] == [off, off]
+    assert [n for n, _ in runs["on"]] == ([off, off] if checkpointing else [2 * 7] * 2)
+    assert [n for n, _ in runs["auto"]] == [off, off]
+    for mode in ("on", "auto"):
+        for ref, got in zip(runs["off"], runs[mode]):
+            _assert_same(ref[1], got[1])
+
+
+def test_weight_keeping_auto_decides_by_each_gpus_memory(gqa_folder):
+    """'auto' keeps as many layers per device as layers_that_fit says, from the memory figures it is given."""
+    model = _load(gqa_folder, 4)
+    sp = speed.TrainingSpeedups(model, keep_dequantized="auto")
+    keeping = sp.weight_keeping
+    per_layer = fused_layer.kept_bytes(keeping.layers[0], torch.bfloat16)
+    assert per_layer == 2 * sum(getattr(getattr(keeping.layers[0], p), n).weight.quant_state.shape.numel()
+                                for p, n in fused_layer.PROJECTIONS)
+    total = 100 * per_layer
+    # 1 layer's worth held elsewhere, 88 reserved at the peak: 90 - 1 - 88 leaves room for one layer
+    keeping.decide(torch.bfloat16, lambda device: (total, total - 88 * per_layer, 87 * per_layer,
+                                                   88 * per_layer))
+    assert [layer.keep_weights for layer in keeping.layers] == [True, False] and keeping.kept == 1
+    with pytest.raises(ValueError, match="keep_dequantized"):
+        fused_layer.WeightKeeping(keeping.layers, "always")
 
 
 @pytest.mark.parametrize("targets", ["all-linear", "q_proj,v_proj"])
@@ -466,7 +559,7 @@ def test_training_masks_come_from_the_batch_without_waiting_for_the_gpu(gqa_fold
     monkeypatch.setattr(masking_utils, "fast_all", no_reading_back)  # (a 2-D mask: does it pad anything?)
     masks, real = [], fused_layer.FastDecoderLayer.fused_args
     monkeypatch.setattr(fused_layer.FastDecoderLayer, "fused_args",
-                        lambda self, *a: (lambda args: masks.append(args[2]) or args)(real(self, *a)))
+                        lambda self, *a, **kw: (lambda args: masks.append(args[2]) or args)(real(self, *a, **kw)))
     _assert_same(ref, _step(model, batch))
     assert len(masks) == 2
     if rows == "unpacked":

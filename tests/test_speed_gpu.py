@@ -204,6 +204,57 @@ def test_fused_qlora_step_matches_plain_recipe_on_gpu(tmp_path):
     assert ((g1 - g0).norm() / g0.norm()).item() < 0.05
 
 
+def test_kept_weights_train_the_same_and_cost_what_they_keep(tmp_path, capsys):
+    """Without checkpointing, keep_dequantized 'on' gives 'off''s loss and gradients through the compiled layers,
+    and the step's peak memory grows by about the dequantized weights it keeps; 'auto' keeps every layer of this
+    small model from the second step, and says so."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from utils import fused_layer, speed
+    from utils.modeling import quantization_config
+    torch.manual_seed(0)
+    LlamaForCausalLM(_config()).to(torch.bfloat16).save_pretrained(tmp_path)
+    ids = torch.randint(3, 512, (2, 96), device="cuda")
+    results = {}
+    for mode in ("off", "on", "auto"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map={"": 0},
+                                                     quantization_config=quantization_config(4))
+        speed.prepare_model(model)
+        torch.manual_seed(0)
+        model = get_peft_model(model, speed.lora_config(4, r=8, lora_alpha=16, lora_dropout=0.0,
+                                                        target_modules="all-linear", task_type="CAUSAL_LM",
+                                                        init_lora_weights=False)).train()
+        sp = speed.TrainingSpeedups(model, keep_dequantized=mode)
+        batch = sp.collator(None)([{"input_ids": r, "labels": r} for r in ids.tolist()])
+        labels = batch.pop("labels").cuda()
+        batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+        steps = []
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = sp.loss_func(model(**batch), labels)
+            loss.backward()
+            torch.cuda.synchronize()
+            grads = torch.cat([p.grad.float().flatten() for n, p in sorted(model.named_parameters())
+                               if p.requires_grad])
+            steps.append((loss.item(), grads, torch.cuda.max_memory_allocated() - before))
+        assert fused_layer.run_layer.ok  # compiled, not the eager fallback
+        results[mode] = steps, sp.weight_keeping.kept, fused_layer.kept_bytes(sp.weight_keeping.layers[0],
+                                                                             torch.bfloat16)
+    (off, _, per_layer), (on, kept_on, _), (auto, kept_auto, _) = results["off"], results["on"], results["auto"]
+    assert kept_on == 3 and kept_auto == 3 and per_layer > 0
+    assert "the dequantized 4-bit weights of 3 of 3 layers" in capsys.readouterr().err
+    for (l0, g0, _), (l1, g1, _) in zip(off + off, on + auto):
+        assert abs(l0 - l1) < 1e-3 * abs(l0) and ((g1 - g0).norm() / g0.norm()).item() < 1e-3
+    extra = on[1][2] - off[1][2]  # second steps: 'on' keeps 3 layers' weights, 'off' none
+    assert 0.8 * 3 * per_layer <= extra <= 1.5 * 3 * per_layer, (extra, per_layer)
+    assert abs(auto[1][2] - on[1][2]) <= 0.1 * 3 * per_layer  # auto's second step keeps them all too
+
+
 @pytest.mark.parametrize("nested", [False, True])
 def test_torch_nf4_dequantization_equals_bitsandbytes_cuda_kernel(nested):
     bnb = pytest.importorskip("bitsandbytes.functional")

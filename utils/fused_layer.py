@@ -115,24 +115,31 @@ def _(out, a, b):
 _mm_add_ = torch.ops.llama_qlora.mm_add_.default
 
 
+def _kept(keep, spec, weight):
+    """What a projection saves of its dequantized weight for the backward pass: the weight when `keep` and it
+    is a 4-bit one (a dense weight is there anyway), else None (the backward pass dequantizes again)."""
+    return weight if keep and spec[0] == "nf4" else None
+
+
 class _Projection(torch.autograd.Function):
     """x W^T + b, for a projection without an adapter; `spec` = (kind, shape, blocksize, quant_type, blocksize2)
-    is constant. Saves no dequantized W: the backward pass dequantizes again."""
+    is constant. Saves no dequantized W unless `keep` (see WeightKeeping): the backward pass dequantizes again."""
 
     @staticmethod
-    def forward(ctx, x, bias, spec, w, absmax, code, absmax2, code2, offset):
+    def forward(ctx, x, keep, bias, spec, w, absmax, code, absmax2, code2, offset):
         x2 = x.reshape(-1, x.shape[-1])
-        out = F.linear(x2, _weight(spec, x.dtype, w, absmax, code, absmax2, code2, offset),
-                       None if bias is None else bias.to(x.dtype))
-        ctx.save_for_backward(w, absmax, code, absmax2, code2, offset)
+        weight = _weight(spec, x.dtype, w, absmax, code, absmax2, code2, offset)
+        out = F.linear(x2, weight, None if bias is None else bias.to(x.dtype))
+        ctx.save_for_backward(w, absmax, code, absmax2, code2, offset, _kept(keep, spec, weight))
         ctx.spec, ctx.dtype = spec, x.dtype
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
+        *quant, kept = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)
-        dx = g @ _weight(ctx.spec, ctx.dtype, *ctx.saved_tensors)
-        return dx.view(*grad.shape[:-1], dx.shape[-1]), None, None, None, None, None, None, None, None
+        dx = g @ (kept if kept is not None else _weight(ctx.spec, ctx.dtype, *quant))
+        return (dx.view(*grad.shape[:-1], dx.shape[-1]),) + (None,) * 9
 
 
 def _zeros_like_output(x, out_features):
@@ -149,8 +156,8 @@ class _ProjectionGradients(_Projection):
     output (see decoder_layer_gradients). The output is zeros."""
 
     @staticmethod
-    def forward(ctx, x, bias, spec, w, absmax, code, absmax2, code2, offset):
-        ctx.save_for_backward(w, absmax, code, absmax2, code2, offset)
+    def forward(ctx, x, keep, bias, spec, w, absmax, code, absmax2, code2, offset):
+        ctx.save_for_backward(w, absmax, code, absmax2, code2, offset, None)
         ctx.spec, ctx.dtype = spec, x.dtype
         return _zeros_like_output(x, _out_features(spec, w))
 
@@ -164,34 +171,37 @@ def _cat(tensors, dim=0):
 
 class _LoraProjections(torch.autograd.Function):
     """One or more projections of one input x, each with a LoRA adapter: x W^T + b + s (x A^T) B^T. Saves x and
-    x A^T, never the dequantized W, which the backward pass dequantizes again. Several projections of one input
+    x A^T, not the dequantized W unless `keep` (see WeightKeeping): the backward pass dequantizes it again.
+    Several projections of one input
     (q/k/v, gate/up) have their A matrices act as one, [A_1; A_2; ...], so x A^T, the input's adapter gradient
     and the A gradients are one GEMM each (x is read once, not once per projection), and the base GEMMs of the
     backward pass all add onto the same dx (no separate sum of the projections' input gradients)."""
 
     @staticmethod
-    def forward(ctx, x, *flat):
+    def forward(ctx, x, keep, *flat):
         parts = [flat[i:i + _PARTS] for i in range(0, len(flat), _PARTS)]
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         ranks = [p[0].shape[0] for p in parts]
         xa = x2 @ _cat([p[0].to(dtype) for p in parts]).t()  # (tokens, sum of the ranks)
-        outs = []
+        outs, kept = [], []
         for (_, b, bias, scale, spec, *quant), xa_i in zip(parts, xa.split(ranks, dim=1)):
             # peft's base + B(A x) s, summed inside the base GEMM: out = (x A^T)(s B)^T, then out += x W^T in
             # place (beta = 1). `base + lora` as a separate sum became an addmm under torch.compile, which copies
             # its input first: 9 full-size copies per layer and step (BENCHMARKS.md)
             out = xa_i @ (b.to(dtype) * scale).t()
-            _mm_add_(out, x2, _weight(spec, dtype, *quant).t())
+            weight = _weight(spec, dtype, *quant)
+            kept.append(_kept(keep, spec, weight))
+            _mm_add_(out, x2, weight.t())
             if bias is not None:
                 out = out + bias.to(dtype)
             outs.append(out.view(*x.shape[:-1], out.shape[-1]))
-        _LoraProjections.save(ctx, x2, xa, parts)
+        _LoraProjections.save(ctx, x2, xa, parts, kept)
         return tuple(outs)
 
     @staticmethod
-    def save(ctx, x2, xa, parts):
-        ctx.save_for_backward(x2, xa, *[t for p in parts for t in (p[0], p[1], *p[5:])])
+    def save(ctx, x2, xa, parts, kept):
+        ctx.save_for_backward(x2, xa, *[t for p, w in zip(parts, kept) for t in (p[0], p[1], *p[5:], w)])
         ctx.ranks, ctx.scales, ctx.specs = [p[0].shape[0] for p in parts], [p[3] for p in parts], \
             [p[4] for p in parts]
 
@@ -199,14 +209,16 @@ class _LoraProjections(torch.autograd.Function):
     def backward(ctx, *grads):
         x2, xa, *saved = ctx.saved_tensors
         dtype = x2.dtype
-        per = [saved[i:i + 8] for i in range(0, len(saved), 8)]  # a, b, w, absmax, code, absmax2, code2, offset
+        # a, b, w, absmax, code, absmax2, code2, offset, the kept dequantized weight (or None)
+        per = [saved[i:i + 9] for i in range(0, len(saved), 9)]
         gs = [g.reshape(-1, g.shape[-1]).to(dtype) for g in grads]
         gb = _cat([(g @ p[1].to(dtype)) * s for g, p, s in zip(gs, per, ctx.scales)], dim=1)  # (tokens, r)
         dx = gb @ _cat([p[0].to(dtype) for p in per])
         for g, p, spec in zip(gs, per, ctx.specs):
-            _mm_add_(dx, g, _weight(spec, dtype, *p[2:]))  # dx += g W, in the base GEMM
+            weight = p[8] if p[8] is not None else _weight(spec, dtype, *p[2:8])
+            _mm_add_(dx, g, weight)  # dx += g W, in the base GEMM
         da = gb.t() @ x2  # (sum of the ranks, in)
-        out = [dx.view(*grads[0].shape[:-1], dx.shape[-1])]
+        out = [dx.view(*grads[0].shape[:-1], dx.shape[-1]), None]
         for da_i, xa_i, g, p, s in zip(da.split(ctx.ranks), xa.split(ctx.ranks, dim=1), gs, per, ctx.scales):
             out += [da_i.to(p[0].dtype), (g.t() @ xa_i).mul(s).to(p[1].dtype)] + [None] * (_PARTS - 2)
         return tuple(out)
@@ -218,21 +230,23 @@ class _LoraGradients(_LoraProjections):
     zeros; the base and B GEMMs and the dequantization of W are skipped."""
 
     @staticmethod
-    def forward(ctx, x, *flat):
+    def forward(ctx, x, keep, *flat):
         parts = [flat[i:i + _PARTS] for i in range(0, len(flat), _PARTS)]
         x2 = x.reshape(-1, x.shape[-1])
         xa = x2 @ _cat([p[0].to(x.dtype) for p in parts]).t()
-        _LoraProjections.save(ctx, x2, xa, parts)
+        _LoraProjections.save(ctx, x2, xa, parts, [None] * len(parts))
         return tuple(_zeros_like_output(x, p[1].shape[0]) for p in parts)
 
 
-def _project(x, projections, gradients_only=False):
+def _project(x, projections, gradients_only=False, keep=False):
     """Each projection p (projection_args) of x: all in one _LoraProjections when each has an adapter, else
-    each on its own. gradients_only: the same backward pass, but the outputs are zeros and cost nothing."""
+    each on its own. gradients_only: the same backward pass, but the outputs are zeros and cost nothing.
+    keep: 4-bit weights are kept dequantized from the forward pass for the backward pass (WeightKeeping)."""
     lora, plain = (_LoraGradients, _ProjectionGradients) if gradients_only else (_LoraProjections, _Projection)
     if all(p[0] is not None for p in projections):
-        return lora.apply(x, *[t for p in projections for t in p])
-    return tuple(lora.apply(x, *p)[0] if p[0] is not None else plain.apply(x, p[2], *p[4:]) for p in projections)
+        return lora.apply(x, keep, *[t for p in projections for t in p])
+    return tuple(lora.apply(x, keep, *p)[0] if p[0] is not None else plain.apply(x, keep, p[2], *p[4:])
+                 for p in projections)
 
 
 def projection_args(module):
@@ -513,10 +527,10 @@ def attention_mask_hook(module, args, kwargs):
 
 def _attention(h, cos, sin, mask, norm1, consts, q, k, v):
     """The attention half of a layer up to o_proj's input: (batch, seq, heads x head_dim)."""
-    n_heads, n_kv, head_dim, scaling, eps1, _ = consts
+    n_heads, n_kv, head_dim, scaling, eps1, _, keep = consts
     batch, seq = h.shape[:2]
     x = _rms_norm(h, norm1, eps1)
-    qs, ks, vs = _project(x, (q, k, v))
+    qs, ks, vs = _project(x, (q, k, v), keep=keep)
     qs = qs.view(batch, seq, n_heads, head_dim).transpose(1, 2)
     ks = ks.view(batch, seq, n_kv, head_dim).transpose(1, 2)
     vs = vs.view(batch, seq, n_kv, head_dim).transpose(1, 2)
@@ -538,18 +552,21 @@ def _attention(h, cos, sin, mask, norm1, consts, q, k, v):
     return attn.reshape(batch, seq, n_heads * head_dim)
 
 
-def _mlp_input(middle, norm2, eps2, gate, up):
+def _mlp_input(middle, norm2, eps2, gate, up, keep=False):
     """silu(gate) x up of the post-attention residual: down_proj's input."""
-    return _silu_mul(*_project(_rms_norm(middle, norm2, eps2), (gate, up)))
+    return _silu_mul(*_project(_rms_norm(middle, norm2, eps2), (gate, up), keep=keep))
 
 
 def decoder_layer_and_middle(h, cos, sin, mask, norm1, norm2, consts, q, k, v, o, gate, up, down):
     """LlamaDecoderLayer.forward without a cache (pre-norm attention and SwiGLU MLP, each with a residual), and
     its residual stream between the two (what a checkpointed layer keeps besides its input). `mask`: None
     (causal), CUDNN_CAUSAL (causal, through cuDNN), a 4-D attention mask, or (cumulative segment lengths,
-    longest segment) from segments() for packed rows (flash attention by segment)."""
-    middle = h + _project(_attention(h, cos, sin, mask, norm1, consts, q, k, v), (o,))[0]
-    return middle + _project(_mlp_input(middle, norm2, consts[5], gate, up), (down,))[0], middle
+    longest segment) from segments() for packed rows (flash attention by segment). consts = (heads, key/value
+    heads, head size, attention scale, the two norms' epsilons, keep: whether 4-bit weights are kept dequantized
+    for the backward pass, WeightKeeping)."""
+    keep = consts[6]
+    middle = h + _project(_attention(h, cos, sin, mask, norm1, consts, q, k, v), (o,), keep=keep)[0]
+    return middle + _project(_mlp_input(middle, norm2, consts[5], gate, up, keep), (down,), keep=keep)[0], middle
 
 
 def decoder_layer(h, *args):
@@ -720,11 +737,12 @@ class FastDecoderLayer(nn.Module):
         self.consts = (attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim,
                        float(attn.scaling), float(self.input_layernorm.variance_epsilon),
                        float(self.post_attention_layernorm.variance_epsilon))
+        self.keep_weights, self.weight_keeping = False, None  # set by WeightKeeping
 
     def original_forward(self, *args, **kwargs):
         return type(self._original[0]).forward(self._original[0], *args, **kwargs)
 
-    def fused_args(self, hidden_states, attention_mask, position_embeddings, kwargs):
+    def fused_args(self, hidden_states, attention_mask, position_embeddings, kwargs, keep=False):
         if position_embeddings is None or kwargs.get("past_key_values") is not None \
                 or kwargs.get("cache") is not None or kwargs.get("output_attentions"):
             return None
@@ -745,10 +763,16 @@ class FastDecoderLayer(nn.Module):
             projections.append(p)
         cos, sin = position_embeddings
         return (cos, sin, attention_mask if packed is None else packed, self.input_layernorm.weight,
-                self.post_attention_layernorm.weight, self.consts, *projections)
+                self.post_attention_layernorm.weight, (*self.consts, bool(keep)), *projections)
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, **kwargs):
-        args = self.fused_args(hidden_states, attention_mask, position_embeddings, kwargs)
+        # training without checkpointing: the one case where the backward pass follows this forward pass with
+        # the layer's activations kept, and may reuse its dequantized weights (WeightKeeping)
+        plain_training = self.training and torch.is_grad_enabled() and not self.gradient_checkpointing
+        if plain_training and self.weight_keeping is not None:
+            self.weight_keeping.before(self, hidden_states)
+        args = self.fused_args(hidden_states, attention_mask, position_embeddings, kwargs,
+                               keep=plain_training and self.keep_weights)
         if args is None:
             return self.original_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                          position_embeddings=position_embeddings, **kwargs)
@@ -758,6 +782,100 @@ class FastDecoderLayer(nn.Module):
             return run_layer(hidden_states, *args)
         trainable = [t for p in args[6:] for t in p[:2] if t is not None and t.requires_grad]
         return _CheckpointedLayer.apply(args, self.park_inputs, hidden_states, *trainable)
+
+
+def kept_bytes(layer, dtype):
+    """What keeping a FastDecoderLayer's dequantized 4-bit weights costs in `dtype`, in bytes (0 for a 16-bit
+    base, whose weights are there anyway)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for parent, name in PROJECTIONS:
+        p = projection_args(getattr(getattr(layer, parent), name))
+        if p is not None and p[4][0] == "nf4":
+            total += p[4][1][0] * p[4][1][1] * size
+    return total
+
+
+def layers_that_fit(per_layer, layers, total, free, reserved, peak_reserved, share):
+    """How many of `layers` layers can keep `per_layer` bytes each on a GPU of `total` bytes with `free` free
+    now, of which this process has `reserved` (torch's caching allocator) and reserved at most `peak_reserved`
+    so far, so that the whole GPU stays within `share` of its memory at the peak. What other processes and the
+    CUDA context hold (total - free - reserved) counts against the share."""
+    if per_layer <= 0:
+        return 0
+    others = total - free - reserved
+    room = share * total - others - peak_reserved
+    return max(0, min(layers, int(room // per_layer)))
+
+
+def _cuda_memory(device):
+    free, total = torch.cuda.mem_get_info(device)
+    return total, free, torch.cuda.memory_reserved(device), torch.cuda.max_memory_reserved(device)
+
+
+class WeightKeeping:
+    """Which fused layers keep their dequantized 4-bit weights from the forward pass for the backward pass in
+    training without checkpointing, instead of dequantizing them again there: ~2% faster on a 7B (one of the
+    two dequantizations of every weight, and its kernel launches, BENCHMARKS.md) for the bf16 weights of every
+    such layer alive from its forward pass to its backward pass (~390 MiB per 7B layer, ~12 GiB in all).
+    mode 'on': every layer; 'off': none; 'auto': none in the first step, then on a GPU as many layers as fit
+    within SHARE of its memory at the first step's peak (layers_that_fit), decided once at the second step.
+    With checkpointing nothing is kept whatever the mode."""
+
+    MODES = ("auto", "on", "off")
+    SHARE = 0.9
+
+    def __init__(self, layers, mode="auto"):
+        if mode not in self.MODES:
+            raise ValueError(f"keep_dequantized must be one of {', '.join(self.MODES)}, not {mode!r}")
+        self.layers, self.mode = list(layers), mode
+        self.kept, self.decided, self.passes = 0, mode != "auto", 0
+        for layer in self.layers:
+            layer.weight_keeping, layer.keep_weights = self, mode == "on"
+        if mode == "on":
+            self.kept = len(self.layers)
+
+    def before(self, layer, hidden_states):
+        """Called by each layer before a training forward pass without checkpointing: in 'auto' mode, counts the
+        first layer's passes and decides at its second, when the first step's peak memory is known."""
+        if self.decided or layer is not self.layers[0]:
+            return
+        self.passes += 1
+        if self.passes < 2:
+            return
+        self.decided = True
+        if hidden_states.is_cuda:
+            self.decide(hidden_states.dtype)
+
+    def decide(self, dtype, memory=None):
+        """Sets which layers keep their weights, by layers_that_fit on each layer's GPU; `memory`: device ->
+        (total, free, reserved, peak reserved) in bytes, by default torch.cuda's figures."""
+        memory = memory or _cuda_memory
+        by_device = {}
+        for each in self.layers:
+            by_device.setdefault(each.input_layernorm.weight.device, []).append(each)
+        notes = []
+        for device, layers in by_device.items():
+            per_layer = kept_bytes(layers[0], dtype)
+            n = layers_that_fit(per_layer, len(layers), *memory(device), self.SHARE)
+            for each in layers[:n]:
+                each.keep_weights = True
+            self.kept += n
+            if per_layer:
+                notes.append(f"{n} of {len(layers)} layers on {device} (+{n * per_layer / 2**30:.1f} GiB)")
+        if notes:
+            print(f"note: without checkpointing, the dequantized 4-bit weights of {', '.join(notes)} are kept for "
+                  f"the backward pass (what fits in {self.SHARE:.0%} of the GPU's memory; --keep_dequantized "
+                  "on|off to choose)", file=sys.stderr, flush=True)
+
+    def describe(self):
+        if self.mode == "on":
+            return "dequantized weights kept for the backward pass without checkpointing"
+        if self.mode == "off":
+            return "weights dequantized again in the backward pass"
+        if not self.decided:
+            return "dequantized weights kept for the backward pass without checkpointing as memory allows"
+        return f"dequantized weights of {self.kept} layers kept for the backward pass without checkpointing"
 
 
 def fuse_decoder_layers(model, park_inputs=True):

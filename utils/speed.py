@@ -602,17 +602,21 @@ def _fetch(packed):
 class TrainingSpeedups:
     """What `enable` switched on, with the collator and Trainer loss function that go with it."""
 
-    def __init__(self, model, packing=True, park_inputs=True, fsdp=False):
-        """fsdp=True: the part that works with FSDP1 sharding: packing, the fused RMSNorm and SwiGLU modules (they
-        keep their weights as module parameters, which FSDP flattens and hands back as views while a unit runs),
+    def __init__(self, model, packing=True, park_inputs=True, fsdp=False, keep_dequantized="auto"):
+        """keep_dequantized: whether the fused layers keep their dequantized 4-bit weights for the backward pass
+        in training without checkpointing (fused_layer.WeightKeeping: auto, on, off). fsdp=True: the part that
+        works with FSDP1 sharding: packing, the fused RMSNorm and SwiGLU modules (they keep their weights as
+        module parameters, which FSDP flattens and hands back as views while a unit runs),
         the chunked loss (in the output layer's own unit where possible), checkpointed layer inputs parked in CPU
         memory through saved-tensor hooks. The fused decoder layers and LoRA projections are left out: they
         read the base weights and the adapters directly rather than through the modules FSDP wraps."""
-        from utils.fused_layer import FastDecoderLayer, attention_mask_hook, fuse_decoder_layers
+        from utils.fused_layer import FastDecoderLayer, WeightKeeping, attention_mask_hook, fuse_decoder_layers
         causal_lm(model).config.use_cache = False  # training never reads a KV cache; the fused layers need none
         self.fsdp = fsdp
         self.norms, self.mlps = fuse_modules(model)
         self.layers = 0 if fsdp else fuse_decoder_layers(model, park_inputs=park_inputs)
+        self.weight_keeping = WeightKeeping([m for m in model.modules() if isinstance(m, FastDecoderLayer)],
+                                            keep_dequantized) if self.layers else None
         # the decoder stack gets its attention masks from the batch, not by reading position ids back from the
         # GPU (fused_layer.attention_mask_hook); only where every layer is fused, each computing full causal
         # attention (a layer left as it was might want another mask, a sliding window's say)
@@ -677,4 +681,4 @@ class TrainingSpeedups:
                 f"SwiGLU x{self.mlps} ({kernels}), {layers}, {self.loss_note}, "
                 f"{f'packed micro-batches (no padding{by_example})' if self.packing else 'padded micro-batches'}"
                 f"{', cuDNN attention off' if self.cudnn_attention_off else ''}"
-                f"{cudnn}")
+                f"{cudnn}{f', {self.weight_keeping.describe()}' if self.weight_keeping else ''}")
