@@ -172,10 +172,10 @@ def _cat(tensors, dim=0):
 class _LoraProjections(torch.autograd.Function):
     """One or more projections of one input x, each with a LoRA adapter: x W^T + b + s (x A^T) B^T. Saves x and
     x A^T, not the dequantized W unless `keep` (see WeightKeeping): the backward pass dequantizes it again.
-    Several projections of one input
-    (q/k/v, gate/up) have their A matrices act as one, [A_1; A_2; ...], so x A^T, the input's adapter gradient
-    and the A gradients are one GEMM each (x is read once, not once per projection), and the base GEMMs of the
-    backward pass all add onto the same dx (no separate sum of the projections' input gradients)."""
+    Several projections of one input (q/k/v, gate/up) have their A matrices act as one, [A_1; A_2; ...], so
+    x A^T, the input's adapter gradient and the A gradients are one GEMM each (x is read once, not once per
+    projection), and the base GEMMs of the backward pass all add onto the same dx (no separate sum of the
+    projections' input gradients)."""
 
     @staticmethod
     def forward(ctx, x, keep, *flat):
@@ -829,11 +829,14 @@ class WeightKeeping:
         if mode not in self.MODES:
             raise ValueError(f"keep_dequantized must be one of {', '.join(self.MODES)}, not {mode!r}")
         self.layers, self.mode = list(layers), mode
-        self.kept, self.decided, self.passes = 0, mode != "auto", 0
+        self.decided, self.passes = mode != "auto", 0
         for layer in self.layers:
             layer.weight_keeping, layer.keep_weights = self, mode == "on"
-        if mode == "on":
-            self.kept = len(self.layers)
+
+    @property
+    def kept(self):
+        """How many layers keep their weights."""
+        return sum(layer.keep_weights for layer in self.layers)
 
     def before(self, layer, hidden_states):
         """Called by each layer before a training forward pass without checkpointing: in 'auto' mode, counts the
@@ -860,7 +863,6 @@ class WeightKeeping:
             n = layers_that_fit(per_layer, len(layers), *memory(device), self.SHARE)
             for each in layers[:n]:
                 each.keep_weights = True
-            self.kept += n
             if per_layer:
                 notes.append(f"{n} of {len(layers)} layers on {device} (+{n * per_layer / 2**30:.1f} GiB)")
         if notes:
