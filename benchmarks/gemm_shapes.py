@@ -1,7 +1,8 @@
 """The GEMMs of one LoRA training step of a LLaMA layer, timed alone (CUDA events), in the variants the fused
 layer could use: plain (beta = 0) or adding in place (beta = 1), the LoRA matrices' small GEMMs, and the base
-GEMMs with extra columns appended to the weight ([W | tail], which would also compute g B s in the backward
-pass). Figures and what was concluded from them: BENCHMARKS.md.
+GEMMs with extra columns appended to the input and the weight ([x | x A^T] [W | s B]^T, which computes the
+adapter's term in the same GEMM, and g [W | s B], which also computes g B s in the backward pass). Figures and
+what was concluded from them: BENCHMARKS.md.
 
     python benchmarks/gemm_shapes.py                      # LLaMA-2-7B shapes, 4,096 tokens, bf16, on the GPU
     python benchmarks/gemm_shapes.py --shape tiny --tokens 64 --iters 2    # smoke run (also on the CPU)
@@ -61,6 +62,8 @@ def projection_gemms(tokens, n_out, n_in, rank, tails, device, dtype, measure):
     }
     for extra in tails:
         wide = torch.cat((w, rnd(n_out, extra)), dim=1)
+        xw = torch.cat((x, rnd(tokens, extra)), dim=1)
+        res[f"fwd [x | xa] [W | tail {extra}]^T"] = measure(lambda xw=xw, wide=wide: torch.mm(xw, wide.t()))
         res[f"bwd g [W | tail {extra}]"] = measure(lambda wide=wide: torch.mm(g, wide))
     return res
 

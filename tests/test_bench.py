@@ -78,8 +78,8 @@ def test_gemm_shapes_times_every_variant(capsys):
     import gemm_shapes
     per_layer = gemm_shapes.main(TINY + ["--tokens", "16", "--iters", "1", "--tails", "16"])
     out = capsys.readouterr().out
-    assert out.count("== ") == 4 and "bwd g [W | tail 16]" in out
-    assert len(per_layer) == 12 and all(us > 0 for us in per_layer.values())
+    assert out.count("== ") == 4 and "bwd g [W | tail 16]" in out and "fwd [x | xa] [W | tail 16]^T" in out
+    assert len(per_layer) == 13 and all(us > 0 for us in per_layer.values())
 
 
 def test_multi_gpu_comparison_records_the_targets():
